@@ -1,0 +1,439 @@
+//! Consumption throughput through idem next to raw manual-ack consumption of the same messages
+//! on the same broker, in the same run. Prints one JSON object per line.
+//!
+//! ```sh
+//! cargo run --release -p idem-broker --features amqp,nats --example bench_consume -- \
+//!     [--messages 20000] [--rounds 3] [--broker amqp|nats|all] [--batch 64] [--concurrency 4]
+//! ```
+//!
+//! For each broker and round, a fresh queue (or stream) is filled with `--messages` 64-byte
+//! messages with distinct message ids (publishing is not timed), then drained by:
+//! - `raw`: the broker's client with manual acks, one ack per message as it arrives (RabbitMQ:
+//!   `basic.ack` awaited; JetStream: AckSync as a request on the client's shared reply inbox,
+//!   as idem's adapter does it, up to 256 in flight), prefetch 256;
+//! - `raw-double-ack` (JetStream): async-nats's `double_ack`, which subscribes a new inbox for
+//!   every ack;
+//! - `raw-multiple-ack` (RabbitMQ): one `basic.ack(multiple = true)` per 64 deliveries;
+//!   `raw-async-ack` (JetStream): plain `+ACK`s, not waiting for the server. These are the
+//!   cheapest hand-written consumers, with weaker guarantees (a lost `+ACK` is not noticed);
+//! - `idem-memory` / `idem-sqlite`: [`Consumer`] with a no-op handler over `MemoryStore` / a
+//!   SQLite file in a temporary directory (`synchronous=NORMAL`), `--batch` (64) deliveries per
+//!   batch, `--concurrency` (4) batches in flight, the same prefetch.
+//!
+//! The clock starts once connected (the queue full) and stops when the last message is acked.
+//! `ratio` is msgs/s over the same round's `raw` msgs/s. To measure another store, build a
+//! [`Consumer`] with it in `idem_run` (any `idem::Store` plugs in).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::future::join_all;
+use futures_util::{FutureExt, StreamExt};
+use idem::{Attempt, Executor, MemoryStore, Namespace, Store};
+use idem_broker::{Consumer, Message, Source};
+use idem_sqlite::SqliteStore;
+
+const PAYLOAD: &[u8] = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const PREFETCH: u16 = 256;
+
+#[derive(Clone, Copy)]
+enum Broker {
+    Amqp,
+    Nats,
+}
+
+impl Broker {
+    fn name(self) -> &'static str {
+        match self {
+            Broker::Amqp => "rabbitmq",
+            Broker::Nats => "nats",
+        }
+    }
+}
+
+struct Args {
+    messages: usize,
+    rounds: usize,
+    brokers: Vec<Broker>,
+    batch: usize,
+    concurrency: usize,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        messages: 20_000,
+        rounds: 3,
+        brokers: vec![Broker::Amqp, Broker::Nats],
+        batch: 64,
+        concurrency: 4,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--messages" => args.messages = value.parse()?,
+            "--rounds" => args.rounds = value.parse()?,
+            "--batch" => args.batch = value.parse()?,
+            "--concurrency" => args.concurrency = value.parse()?,
+            "--broker" => {
+                args.brokers = match value.as_str() {
+                    "amqp" | "rabbitmq" => vec![Broker::Amqp],
+                    "nats" => vec![Broker::Nats],
+                    "all" => vec![Broker::Amqp, Broker::Nats],
+                    other => anyhow::bail!("unknown broker {other}"),
+                }
+            }
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    Ok(args)
+}
+
+fn print(
+    broker: Broker,
+    round: usize,
+    mode: &str,
+    n: usize,
+    elapsed: Duration,
+    raw: Option<f64>,
+) -> f64 {
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let line = serde_json::json!({
+        "broker": broker.name(),
+        "round": round,
+        "mode": mode,
+        "messages": n,
+        "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        "msgs_per_s": rate.round(),
+        "ratio": raw.map(|r| (rate / r * 100.0).round() / 100.0),
+    });
+    println!("{line}");
+    rate
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    let amqp = std::env::var("IDEM_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let nats =
+        std::env::var("IDEM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    for round in 1..=args.rounds {
+        for &broker in &args.brokers {
+            let url = match broker {
+                Broker::Amqp => &amqp,
+                Broker::Nats => &nats,
+            };
+            let n = args.messages;
+            let name = format!(
+                "idem-bench-{}-{round}-{:06x}",
+                std::process::id(),
+                fastrand::u32(..0xffffff)
+            );
+            let raw_rate = {
+                let target = fill(broker, url, &format!("{name}-raw"), n).await?;
+                let elapsed = raw(broker, url, &target, n, RawAcks::OneByOne).await?;
+                cleanup(broker, url, &target).await;
+                print(broker, round, "raw", n, elapsed, None)
+            };
+            {
+                let target = fill(broker, url, &format!("{name}-rawb"), n).await?;
+                let elapsed = raw(broker, url, &target, n, RawAcks::Cheapest).await?;
+                cleanup(broker, url, &target).await;
+                let mode = match broker {
+                    Broker::Amqp => "raw-multiple-ack",
+                    Broker::Nats => "raw-async-ack",
+                };
+                print(broker, round, mode, n, elapsed, Some(raw_rate));
+            }
+            if let Broker::Nats = broker {
+                let target = fill(broker, url, &format!("{name}-rawd"), n).await?;
+                let elapsed = raw(broker, url, &target, n, RawAcks::DoubleAck).await?;
+                cleanup(broker, url, &target).await;
+                print(broker, round, "raw-double-ack", n, elapsed, Some(raw_rate));
+            }
+            {
+                let target = fill(broker, url, &format!("{name}-mem"), n).await?;
+                let elapsed = idem_run(broker, url, &target, &args, MemoryStore::new()).await?;
+                cleanup(broker, url, &target).await;
+                print(broker, round, "idem-memory", n, elapsed, Some(raw_rate));
+            }
+            {
+                let dir = tempfile::tempdir()?;
+                let store = SqliteStore::open(dir.path().join("bench.db"))?;
+                let target = fill(broker, url, &format!("{name}-sql"), n).await?;
+                let elapsed = idem_run(broker, url, &target, &args, store).await?;
+                cleanup(broker, url, &target).await;
+                print(broker, round, "idem-sqlite", n, elapsed, Some(raw_rate));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fills a new queue or stream with `n` messages; returns its name.
+async fn fill(broker: Broker, url: &str, name: &str, n: usize) -> anyhow::Result<String> {
+    match broker {
+        Broker::Amqp => {
+            use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+            // The source declares the queue as idem would use it; the raw run uses it too.
+            let source = idem_broker::amqp::AmqpSource::connect(
+                url,
+                idem_broker::amqp::AmqpConfig::new(name),
+            )
+            .await?;
+            source.close().await;
+            let conn =
+                lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+                for i in chunk {
+                    let props = lapin::BasicProperties::default()
+                        .with_message_id(format!("m-{i}").as_str().into())
+                        .with_delivery_mode(2);
+                    let _confirm = ch
+                        .basic_publish(
+                            "".into(),
+                            name.into(),
+                            BasicPublishOptions::default(),
+                            PAYLOAD,
+                            props,
+                        )
+                        .await?;
+                }
+                ch.wait_for_confirms().await?;
+            }
+            let _ = conn.close(200, "filled".into()).await;
+            Ok(name.to_owned())
+        }
+        Broker::Nats => {
+            let stream = name.replace('-', "_").to_uppercase();
+            let subject = format!("{}.>", stream.to_lowercase());
+            let source = idem_broker::nats::NatsSource::connect(
+                url,
+                idem_broker::nats::NatsConfig::new(&stream, &subject, "c"),
+            )
+            .await?;
+            source.close().await;
+            let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+            let subject = subject.replace('>', "m");
+            for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+                let mut acks = Vec::with_capacity(chunk.len());
+                for i in chunk {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("m-{i}").as_str());
+                    acks.push(
+                        js.publish_with_headers(subject.clone(), headers, PAYLOAD.into())
+                            .await?,
+                    );
+                }
+                for r in join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await
+                {
+                    r?;
+                }
+            }
+            Ok(stream)
+        }
+    }
+}
+
+async fn cleanup(broker: Broker, url: &str, target: &str) {
+    match broker {
+        Broker::Amqp => {
+            if let Ok(conn) =
+                lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
+                && let Ok(ch) = conn.create_channel().await
+            {
+                for q in [target.to_owned(), format!("{target}.dlq")] {
+                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                }
+                let _ = ch
+                    .exchange_delete(format!("{target}.dlx").as_str().into(), Default::default())
+                    .await;
+                let _ = conn.close(200, "bye".into()).await;
+            }
+        }
+        Broker::Nats => {
+            if let Ok(client) = async_nats::connect(url).await {
+                let js = async_nats::jetstream::new(client);
+                let _ = js.delete_stream(target).await;
+                let _ = js.delete_stream(format!("{target}_DLQ")).await;
+            }
+        }
+    }
+}
+
+/// How the raw consumer acks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RawAcks {
+    /// One confirmed ack per message: `basic.ack` awaited, JetStream AckSync (like idem).
+    OneByOne,
+    /// JetStream only: async-nats's own AckSync, `double_ack`, which subscribes a new inbox for
+    /// every ack.
+    DoubleAck,
+    /// The cheapest a hand-written consumer can do: RabbitMQ `basic.ack(multiple)` once per 64
+    /// deliveries; JetStream plain `+ACK` without waiting for the server.
+    Cheapest,
+}
+
+/// Drains `n` messages with the broker's client and manual acks.
+async fn raw(
+    broker: Broker,
+    url: &str,
+    target: &str,
+    n: usize,
+    acks: RawAcks,
+) -> anyhow::Result<Duration> {
+    match broker {
+        Broker::Amqp => {
+            use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+            let conn =
+                lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+            let mut consumer = ch
+                .basic_consume(
+                    target.into(),
+                    "raw".into(),
+                    BasicConsumeOptions::default(),
+                    Default::default(),
+                )
+                .await?;
+            let start = Instant::now();
+            let mut acked = 0;
+            let mut unacked = Vec::new();
+            while acked < n {
+                let d = consumer.next().await.context("consumer ended")??;
+                if acks != RawAcks::Cheapest {
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                    acked += 1;
+                    continue;
+                }
+                unacked.push(d);
+                if unacked.len() >= 64 || acked + unacked.len() == n {
+                    if let Some(last) = unacked.last() {
+                        last.acker.ack(BasicAckOptions { multiple: true }).await?;
+                    }
+                    acked += unacked.len();
+                    unacked.clear();
+                }
+            }
+            let elapsed = start.elapsed();
+            let _ = conn.close(200, "done".into()).await;
+            Ok(elapsed)
+        }
+        Broker::Nats => {
+            let client = async_nats::connect(url).await?;
+            let js = async_nats::jetstream::new(client.clone());
+            let stream = js.get_stream(target).await?;
+            let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer("c")
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut messages = consumer
+                .stream()
+                .max_messages_per_batch(usize::from(PREFETCH))
+                .messages()
+                .await?;
+            let start = Instant::now();
+            // AckSync like idem's adapter; acks in flight concurrently, as many as the prefetch.
+            let mut pending = futures_util::stream::FuturesUnordered::new();
+            let mut acked = 0;
+            while acked < n {
+                tokio::select! {
+                    Some(r) = pending.next(), if !pending.is_empty() => {
+                        let r: Result<(), async_nats::Error> = r;
+                        r.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                        acked += 1;
+                    }
+                    m = messages.next(), if pending.len() < usize::from(PREFETCH) => {
+                        let m = m.context("pull stream ended")?.map_err(|e| anyhow::anyhow!("{e}"))?;
+                        match acks {
+                            // AckSync as idem's adapter does it: a request on the shared reply
+                            // inbox (`double_ack` subscribes a new inbox per ack, and is slower).
+                            RawAcks::OneByOne => {
+                                let client = client.clone();
+                                let reply = m.reply.clone().context("no reply subject")?;
+                                pending.push(
+                                    async move {
+                                        client
+                                            .request(reply, bytes::Bytes::from_static(b"+ACK"))
+                                            .await
+                                            .map(drop)
+                                            .map_err(async_nats::Error::from)
+                                    }
+                                    .boxed(),
+                                );
+                            }
+                            RawAcks::DoubleAck => pending.push(async move { m.double_ack().await }.boxed()),
+                            RawAcks::Cheapest => pending.push(async move { m.ack().await }.boxed()),
+                        }
+                    }
+                }
+            }
+            Ok(start.elapsed())
+        }
+    }
+}
+
+/// Drains `n` messages through idem's consumer runtime over `store`.
+async fn idem_run<S: Store>(
+    broker: Broker,
+    url: &str,
+    target: &str,
+    args: &Args,
+    store: S,
+) -> anyhow::Result<Duration> {
+    let exec = Executor::new(store);
+    let ns = Namespace::new("bench")?;
+    let handler = |_m: Message, _a: Attempt| async { Ok::<_, std::io::Error>(()) };
+    match broker {
+        Broker::Amqp => {
+            let source = idem_broker::amqp::AmqpSource::connect(
+                url,
+                idem_broker::amqp::AmqpConfig::new(target).prefetch(PREFETCH),
+            )
+            .await?;
+            drain(Consumer::new(source, exec, ns, handler), args).await
+        }
+        Broker::Nats => {
+            let stream = target.to_owned();
+            let subject = format!("{}.>", stream.to_lowercase());
+            let mut config = idem_broker::nats::NatsConfig::new(&stream, &subject, "c");
+            config.pull_batch = usize::from(PREFETCH);
+            let source = idem_broker::nats::NatsSource::connect(url, config).await?;
+            drain(Consumer::new(source, exec, ns, handler), args).await
+        }
+    }
+}
+
+async fn drain<Src: Source, S: Store, H: idem_broker::Handler>(
+    consumer: Consumer<Src, S, H>,
+    args: &Args,
+) -> anyhow::Result<Duration> {
+    let n = args.messages;
+    let consumer = consumer
+        .batch_size(args.batch)
+        .concurrency(args.concurrency);
+    let stats: Arc<idem_broker::Stats> = consumer.stats();
+    let start = Instant::now();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(consumer.run(async {
+        let _ = stopped.await;
+    }));
+    while (stats.snapshot().acked as usize) < n {
+        anyhow::ensure!(!run.is_finished(), "consumer stopped early");
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let elapsed = start.elapsed();
+    let _ = stop.send(());
+    let snap = run.await??;
+    anyhow::ensure!(
+        snap.executed as usize == n,
+        "executed {} of {n}",
+        snap.executed
+    );
+    Ok(elapsed)
+}

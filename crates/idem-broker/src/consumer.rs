@@ -1,0 +1,686 @@
+//! The [`Consumer`] runtime: receives batches from a [`Source`], runs each through
+//! [`idem::Executor::run_batch`] (one claim round trip, handlers concurrently, one completion
+//! round trip), and settles every delivery from its outcome:
+//!
+//! | outcome | settlement |
+//! |---|---|
+//! | executed (completion durable), replayed | ack (batched) |
+//! | in progress elsewhere, handler released, lease lost | nack with delay, never ack |
+//! | store error (fail closed) | nack with backoff, never ack |
+//! | no key / no fingerprint, mismatch, attempts exhausted | dead-letter with the reason, ack once confirmed |
+//!
+//! Up to `concurrency` batches are in flight at once; the broker's prefetch bounds how many
+//! deliveries are held. Shutdown stops receiving, lets in-flight batches finish (up to a grace
+//! period) and settle, then closes the source so that anything unsettled goes back to the
+//! broker.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::join_all;
+use idem::{Attempt, Backoff, Disposition, Executor, Fingerprint, Key, Namespace, Store, Stored};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::error::BrokerError;
+use crate::key::{FingerprintExtractor, FingerprintFrom, KeyExtractor, KeyFrom};
+use crate::message::Message;
+use crate::source::{Acker, Incoming, Source};
+
+/// Processes one message. Implemented for closures `Fn(Message, Attempt) -> Future<Output =
+/// Result<T, E>>`.
+///
+/// The handler runs only under an acquired claim; its `Ok` value is stored and replayed to
+/// duplicates; an `Err` releases the claim so the message is retried with backoff (or
+/// dead-lettered after the executor's attempt limit). A panic counts as an `Err`.
+pub trait Handler: Send + Sync + 'static {
+    /// The result stored with the record.
+    type Output: Stored + Send + 'static;
+    /// The handler's error, recorded as the reason when attempts run out.
+    type Error: fmt::Display + Send + 'static;
+
+    /// Processes `message` under `attempt`'s claim.
+    ///
+    /// # Errors
+    /// Any error: the claim is released and the message retried later.
+    fn call(
+        &self,
+        message: Message,
+        attempt: Attempt,
+    ) -> impl Future<Output = Result<Self::Output, Self::Error>> + Send;
+}
+
+impl<F, Fut, T, E> Handler for F
+where
+    F: Fn(Message, Attempt) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, E>> + Send,
+    T: Stored + Send + 'static,
+    E: fmt::Display + Send + 'static,
+{
+    type Output = T;
+    type Error = E;
+
+    fn call(
+        &self,
+        message: Message,
+        attempt: Attempt,
+    ) -> impl Future<Output = Result<T, E>> + Send {
+        self(message, attempt)
+    }
+}
+
+/// A handler's failure as the executor sees it: its own error, or a panic.
+#[derive(Debug)]
+enum Failure<E> {
+    Handler(E),
+    Panicked(String),
+}
+
+impl<E: fmt::Display> fmt::Display for Failure<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Handler(e) => e.fmt(f),
+            Failure::Panicked(msg) => write!(f, "the handler panicked: {msg}"),
+        }
+    }
+}
+
+/// The runtime's settings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Settings {
+    /// Most deliveries taken per batch (default 64).
+    pub batch_size: usize,
+    /// Batches processed at once (default 4).
+    pub concurrency: usize,
+    /// How long shutdown waits for in-flight batches before abandoning them (default 30 s).
+    /// Abandoned deliveries go back to the broker; their claims expire with the lease.
+    pub shutdown_grace: Duration,
+    /// Delay before redelivery after a store error, growing while errors last.
+    pub store_backoff: Backoff,
+    /// Wait between attempts to receive while the broker is unreachable.
+    pub receive_backoff: Backoff,
+    /// Redelivery delay of a duplicate whose key another consumer holds, by delivery count
+    /// (default 200 ms doubling), never past the rest of the other consumer's lease: most
+    /// holders finish long before their lease ends, and the redelivery then replays.
+    pub in_progress_backoff: Backoff,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            batch_size: 64,
+            concurrency: 4,
+            shutdown_grace: Duration::from_secs(30),
+            store_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
+            receive_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            in_progress_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Counters of what a consumer did, readable while it runs ([`Consumer::stats`]).
+#[derive(Debug, Default)]
+pub struct Stats {
+    received: AtomicU64,
+    executed: AtomicU64,
+    replayed: AtomicU64,
+    acked: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    store_errors: AtomicU64,
+    settle_errors: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Deliveries received.
+    pub received: u64,
+    /// Deliveries whose handler ran and whose completion is durable.
+    pub executed: u64,
+    /// Duplicates answered from the store.
+    pub replayed: u64,
+    /// Deliveries acked as a success (executed or replayed).
+    pub acked: u64,
+    /// Deliveries nacked for a later redelivery (in progress elsewhere, handler failed, store
+    /// error).
+    pub retried: u64,
+    /// Deliveries dead-lettered and acked.
+    pub dead_lettered: u64,
+    /// Batches or items that met a store error (never acked).
+    pub store_errors: u64,
+    /// Acks, nacks or dead-letter publishes the broker did not take (the message is redelivered).
+    pub settle_errors: u64,
+}
+
+impl Stats {
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            received: get(&self.received),
+            executed: get(&self.executed),
+            replayed: get(&self.replayed),
+            acked: get(&self.acked),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            store_errors: get(&self.store_errors),
+            settle_errors: get(&self.settle_errors),
+        }
+    }
+
+    fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Consumes a [`Source`] through an [`Executor`], exactly once per key.
+///
+/// ```no_run
+/// # #[cfg(feature = "nats")]
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use idem::{Attempt, Executor, MemoryStore, Namespace};
+/// use idem_broker::{Consumer, Message, nats::{NatsConfig, NatsSource}};
+///
+/// let source = NatsSource::connect("nats://127.0.0.1:4222", NatsConfig::new("ORDERS", "orders.>", "billing")).await?;
+/// let exec = Executor::new(MemoryStore::new());
+/// let consumer = Consumer::new(source, exec, Namespace::new("billing")?, |msg: Message, attempt: Attempt| async move {
+///     println!("charging for {} ({})", msg.message_id().unwrap_or("?"), attempt.idempotency_key());
+///     Ok::<_, std::io::Error>(())
+/// });
+/// let stats = consumer.run(idem_broker::shutdown_signal()).await?;
+/// println!("{stats:?}");
+/// # Ok(()) }
+/// ```
+pub struct Consumer<Src: Source, S, H> {
+    source: Src,
+    exec: Executor<S>,
+    namespace: Namespace,
+    key: Box<dyn KeyExtractor>,
+    fingerprint: Box<dyn FingerprintExtractor>,
+    handler: H,
+    settings: Settings,
+    stats: Arc<Stats>,
+}
+
+struct Shared<S, H> {
+    exec: Executor<S>,
+    namespace: Namespace,
+    key: Box<dyn KeyExtractor>,
+    fingerprint: Box<dyn FingerprintExtractor>,
+    handler: H,
+    stats: Arc<Stats>,
+    store_failures: AtomicU32,
+    store_backoff: Backoff,
+    in_progress_backoff: Backoff,
+}
+
+impl<Src: Source, S, H> fmt::Debug for Consumer<Src, S, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("namespace", &self.namespace)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Src, S, H> Consumer<Src, S, H>
+where
+    Src: Source,
+    S: Store,
+    H: Handler,
+{
+    /// A consumer of `source` that runs `handler` once per key in `namespace` (the consumer's
+    /// name), keyed by the producer's message id and fingerprinted by the whole payload.
+    pub fn new(source: Src, exec: Executor<S>, namespace: Namespace, handler: H) -> Self {
+        Self {
+            source,
+            exec,
+            namespace,
+            key: Box::new(KeyFrom::MessageId),
+            fingerprint: Box::new(FingerprintFrom::Payload),
+            handler,
+            settings: Settings::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Where the key comes from ([`KeyFrom`] or a closure; default: the message id).
+    #[must_use]
+    pub fn key(mut self, key: impl KeyExtractor) -> Self {
+        self.key = Box::new(key);
+        self
+    }
+
+    /// What the fingerprint covers ([`FingerprintFrom`] or a closure; default: the payload).
+    #[must_use]
+    pub fn fingerprint(mut self, fingerprint: impl FingerprintExtractor) -> Self {
+        self.fingerprint = Box::new(fingerprint);
+        self
+    }
+
+    /// The runtime's settings.
+    #[must_use]
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Most deliveries per batch.
+    #[must_use]
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.settings.batch_size = n.max(1);
+        self
+    }
+
+    /// Batches processed at once.
+    #[must_use]
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.settings.concurrency = n.max(1);
+        self
+    }
+
+    /// How long shutdown waits for in-flight batches.
+    #[must_use]
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.settings.shutdown_grace = grace;
+        self
+    }
+
+    /// The counters, readable while [`run`](Consumer::run) goes on.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Runs until `shutdown` resolves (e.g. [`shutdown_signal`]), then stops taking messages,
+    /// finishes or abandons what is in flight (see [`Settings::shutdown_grace`]), settles what
+    /// finished, closes the source, and returns the counters.
+    ///
+    /// # Errors
+    /// A [`BrokerError`] that retrying cannot fix (a [`Config`](crate::BrokerErrorKind::Config)
+    /// error, say); transient broker errors are retried with backoff.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<StatsSnapshot, BrokerError> {
+        let Consumer {
+            mut source,
+            exec,
+            namespace,
+            key,
+            fingerprint,
+            handler,
+            settings,
+            stats,
+        } = self;
+        let shared = Arc::new(Shared {
+            exec,
+            namespace,
+            key,
+            fingerprint,
+            handler,
+            stats,
+            store_failures: AtomicU32::new(0),
+            store_backoff: settings.store_backoff,
+            in_progress_backoff: settings.in_progress_backoff,
+        });
+        let acker = source.acker();
+        let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        let mut shutdown = pin!(shutdown);
+        let mut receive_failures = 0u32;
+        let mut fatal = None;
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                log_task_end(done);
+            }
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break, // never closed; kept total
+                },
+            };
+            let received = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = source.receive(settings.batch_size.max(1)) => r,
+            };
+            match received {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => {
+                    receive_failures = 0;
+                    Stats::add(&shared.stats.received, batch.len());
+                    let shared = Arc::clone(&shared);
+                    let acker = acker.clone();
+                    tasks.spawn(async move {
+                        process(&shared, &acker, batch, permit).await;
+                    });
+                }
+                Err(e) if e.is_transient() => {
+                    receive_failures += 1;
+                    let delay = settings.receive_backoff.delay(receive_failures);
+                    tracing::warn!(error = %e, ?delay, "receive failed; retrying");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "receive failed for good; stopping");
+                    fatal = Some(e);
+                    break;
+                }
+            }
+        }
+        tracing::info!(in_flight = tasks.len(), "consumer stopping");
+        let drained = tokio::time::timeout(settings.shutdown_grace, async {
+            while let Some(done) = tasks.join_next().await {
+                log_task_end(done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                abandoned = tasks.len(),
+                "shutdown grace over: abandoning in-flight batches; their deliveries go back to \
+                 the broker and their claims expire with the lease"
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        source.close().await;
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(shared.stats.snapshot()),
+        }
+    }
+}
+
+fn log_task_end(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        // Handler panics are caught; this is a bug in the runtime or an adapter. The batch's
+        // deliveries were not settled and go back to the broker.
+        tracing::error!(error = %e, "a batch task panicked");
+    }
+}
+
+/// A delivery on its way through a batch.
+struct Item<D> {
+    message: Message,
+    delivery: D,
+    key: Key,
+    fingerprint: Fingerprint,
+}
+
+/// What to do with each delivery once the batch is decided.
+struct Settlement<D> {
+    acks: Vec<D>,
+    nacks: Vec<(D, Duration)>,
+    dead: Vec<(D, Message, String)>,
+}
+
+impl<D> Settlement<D> {
+    fn new() -> Self {
+        Self {
+            acks: Vec::new(),
+            nacks: Vec::new(),
+            dead: Vec::new(),
+        }
+    }
+}
+
+async fn process<S, H, A>(
+    shared: &Shared<S, H>,
+    acker: &A,
+    batch: Vec<Incoming<A::Delivery>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    S: Store,
+    H: Handler,
+    A: Acker,
+{
+    let mut settle = Settlement::new();
+    let mut items = Vec::with_capacity(batch.len());
+    for Incoming { message, delivery } in batch {
+        let key = match shared.key.key(&shared.namespace, &message) {
+            Ok(key) => key,
+            Err(e) => {
+                let reason = format!("no usable key: {e}");
+                settle.dead.push((delivery, message, reason));
+                continue;
+            }
+        };
+        match shared.fingerprint.fingerprint(&message) {
+            Ok(fingerprint) => items.push(Item {
+                message,
+                delivery,
+                key,
+                fingerprint,
+            }),
+            Err(e) => {
+                let reason = format!("no usable fingerprint: {e}");
+                settle.dead.push((delivery, message, reason));
+            }
+        }
+    }
+    // A producer retry often lands both copies in one batch. Claiming both at once would find
+    // the second "in progress" (held by the first) and delay it by a whole lease; instead later
+    // copies wait for the first's round and then meet its durable record.
+    while !items.is_empty() {
+        let mut seen = HashSet::with_capacity(items.len());
+        let (round, later): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|it| seen.insert(it.key.clone()));
+        items = later;
+        run_round(shared, acker, round, &mut settle).await;
+    }
+    // The next batch may start while this one's acks travel: they wait on the broker, not on
+    // the store or the handlers, and the broker's prefetch still bounds what is in hand.
+    drop(permit);
+    apply(shared, acker, settle).await;
+}
+
+async fn run_round<S, H, A>(
+    shared: &Shared<S, H>,
+    acker: &A,
+    round: Vec<Item<A::Delivery>>,
+    settle: &mut Settlement<A::Delivery>,
+) where
+    S: Store,
+    H: Handler,
+    A: Acker,
+{
+    let claims = round
+        .iter()
+        .map(|it| (it.key.clone(), it.fingerprint))
+        .collect();
+    let messages: Vec<Message> = round.iter().map(|it| it.message.clone()).collect();
+    let handler = &shared.handler;
+    let work = shared.exec.run_batch(claims, |i, attempt| {
+        let message = messages[i].clone();
+        async move {
+            match AssertUnwindSafe(handler.call(message, attempt))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(Failure::Handler(e)),
+                Err(panic) => Err(Failure::Panicked(panic_message(&*panic))),
+            }
+        }
+    });
+    let deliveries: Vec<&A::Delivery> = round.iter().map(|it| &it.delivery).collect();
+    let outcomes = with_progress(acker, &deliveries, work).await;
+    drop(deliveries);
+
+    let outcomes = match outcomes {
+        Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
+        Err(e) => {
+            // The batch claim failed: no handler ran. Fail closed.
+            tracing::warn!(error = %e, items = round.len(), "store error on claim; nothing acked");
+            Stats::add(&shared.stats.store_errors, 1);
+            round.iter().map(|_| None).collect::<Vec<_>>()
+        }
+    };
+    let mut store_ok = true;
+    for (item, outcome) in round.into_iter().zip(outcomes) {
+        let outcome = match outcome {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(e)) => {
+                tracing::warn!(key = %item.key, error = %e, "store error; not acked");
+                Stats::add(&shared.stats.store_errors, 1);
+                store_ok = false;
+                settle.nacks.push((item.delivery, shared.store_delay()));
+                continue;
+            }
+            None => {
+                store_ok = false;
+                settle.nacks.push((item.delivery, shared.store_delay()));
+                continue;
+            }
+        };
+        if outcome.is_executed() {
+            Stats::add(&shared.stats.executed, 1);
+        } else if outcome.is_replayed() {
+            Stats::add(&shared.stats.replayed, 1);
+        }
+        match outcome.disposition() {
+            Disposition::Ack => settle.acks.push(item.delivery),
+            Disposition::Retry { after } => {
+                let after = if matches!(outcome, idem::Outcome::InProgress { .. }) {
+                    after.min(
+                        shared
+                            .in_progress_backoff
+                            .delay(item.message.delivery_count()),
+                    )
+                } else {
+                    after
+                };
+                tracing::debug!(key = %item.key, outcome = outcome.kind(), ?after, "redeliver later");
+                settle.nacks.push((item.delivery, after));
+            }
+            Disposition::DeadLetter { reason } => {
+                tracing::warn!(key = %item.key, %reason, "dead-lettering");
+                settle.dead.push((item.delivery, item.message, reason));
+            }
+        }
+    }
+    if store_ok {
+        shared.store_failures.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Runs `work`, telling the broker every so often that its deliveries are still in hand.
+async fn with_progress<A: Acker, T>(
+    acker: &A,
+    deliveries: &[&A::Delivery],
+    work: impl Future<Output = T>,
+) -> T {
+    let Some(every) = acker.progress_interval() else {
+        return work.await;
+    };
+    let mut work = pin!(work);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            _ = ticker.tick() => {
+                if let Err(e) = acker.progress(deliveries).await {
+                    tracing::warn!(error = %e, "could not report progress to the broker");
+                }
+            }
+        }
+    }
+}
+
+async fn apply<S, H, A: Acker>(shared: &Shared<S, H>, acker: &A, settle: Settlement<A::Delivery>) {
+    let stats = &shared.stats;
+    let n_acks = settle.acks.len();
+    let ack = async {
+        if n_acks == 0 {
+            return;
+        }
+        match acker.ack(settle.acks).await {
+            Ok(()) => Stats::add(&stats.acked, n_acks),
+            Err(e) => {
+                // Not lost: the broker redelivers, and the store replays the result.
+                tracing::warn!(error = %e, n_acks, "ack failed");
+                Stats::add(&stats.settle_errors, 1);
+            }
+        }
+    };
+    let nacks = join_all(settle.nacks.into_iter().map(|(d, delay)| async move {
+        Stats::add(&stats.retried, 1);
+        if let Err(e) = acker.nack(d, delay).await {
+            tracing::warn!(error = %e, "nack failed; the broker redelivers anyway");
+            Stats::add(&stats.settle_errors, 1);
+        }
+    }));
+    let dead = join_all(settle.dead.into_iter().map(|(d, msg, reason)| async move {
+        match acker.dead_letter(d, &msg, &reason).await {
+            Ok(()) => Stats::add(&stats.dead_lettered, 1),
+            Err(e) => {
+                // Not acked: the message comes back and is dead-lettered again.
+                tracing::warn!(error = %e, "dead-letter publish not confirmed; not acked");
+                Stats::add(&stats.settle_errors, 1);
+            }
+        }
+    }));
+    tokio::join!(ack, nacks, dead);
+}
+
+impl<S, H> Shared<S, H> {
+    /// Redelivery delay after a store error, growing while they last.
+    fn store_delay(&self) -> Duration {
+        let n = self.store_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        self.store_backoff.delay(n)
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+/// Resolves on ctrl-c or, on Unix, SIGTERM: pass it to [`Consumer::run`] for a graceful
+/// shutdown.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; ctrl-c only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,290 @@
+//! Store URLs on the command line: `memory`, `sqlite:PATH`, `redis://…`, `rediss://…`,
+//! `postgres://…`, `mysql://…`. Networked stores add their schemes here. Credentials are never
+//! printed: `Display` redacts passwords.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use idem::MemoryStore;
+use idem_mysql::MysqlStore;
+use idem_postgres::PostgresStore;
+use idem_redis::RedisStore;
+use idem_sqlite::{SqliteStore, Synchronous};
+
+/// A parsed store URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StoreUrl {
+    /// In-process memory (`memory`).
+    Memory,
+    /// A SQLite file (`sqlite:PATH`, `sqlite://PATH`).
+    Sqlite(PathBuf),
+    /// A MySQL or MariaDB server (`mysql://user:password@host:port/database`).
+    Mysql(String),
+    /// A PostgreSQL server (`postgres://` or `postgresql://`), the URL as given.
+    Postgres(String),
+    /// A Redis server (`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS). Holds
+    /// the URL with its password: never print it, print the `StoreUrl` (redacted).
+    Redis(String),
+}
+
+impl FromStr for StoreUrl {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "memory" || s == "memory:" {
+            return Ok(StoreUrl::Memory);
+        }
+        if let Some(rest) = s.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                bail!("store URL {s:?} has no path: use sqlite:PATH, e.g. sqlite:idem.db");
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("mysql://") {
+            return Ok(StoreUrl::Mysql(s.to_owned()));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(s.to_owned()));
+        }
+        if s.starts_with("redis://") || s.starts_with("rediss://") {
+            return Ok(StoreUrl::Redis(s.to_owned()));
+        }
+        let scheme = s.split_once(':').map_or(s, |(scheme, _)| scheme);
+        bail!(
+            "unsupported store URL scheme {scheme:?} in {}: expected memory, sqlite:PATH, \
+             redis://HOST, rediss://HOST, postgres://USER@HOST/DB or mysql://USER@HOST/DB",
+            redact(s)
+        )
+    }
+}
+
+/// Parses `--store` values for clap. Clap's own error for a `FromStr` type repeats the raw value,
+/// password included; this one says only what [`StoreUrl::from_str`] says, which is redacted.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StoreUrlParser;
+
+impl clap::builder::TypedValueParser for StoreUrlParser {
+    type Value = StoreUrl;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<StoreUrl, clap::Error> {
+        let name = arg.map_or_else(|| "--store".to_owned(), ToString::to_string);
+        let fail = |message: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for {name}: {message}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| fail("the store URL is not UTF-8".to_owned()))?;
+        text.parse().map_err(|e: anyhow::Error| fail(e.to_string()))
+    }
+}
+
+impl clap::builder::ValueParserFactory for StoreUrl {
+    type Parser = StoreUrlParser;
+
+    fn value_parser() -> Self::Parser {
+        StoreUrlParser
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::Memory => f.write_str("memory"),
+            StoreUrl::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            StoreUrl::Mysql(url) => f.write_str(&redact(url)),
+            StoreUrl::Postgres(url) => f.write_str(&redact(url)),
+            StoreUrl::Redis(url) => f.write_str(&idem_redis::redact(url)),
+        }
+    }
+}
+
+/// A URL with any password replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// How a store is opened.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct OpenOptions {
+    pub(crate) synchronous: Synchronous,
+    /// Refuse to create a missing SQLite file (operator commands must not create databases).
+    pub(crate) must_exist: bool,
+}
+
+/// An opened store, keeping its concrete type for store-specific work.
+#[derive(Clone, Debug)]
+pub(crate) enum Opened {
+    Memory(MemoryStore),
+    Sqlite(SqliteStore),
+    /// Not migrated: commands that need the table check for it, none creates it silently.
+    Mysql(MysqlStore),
+    /// Connected; its schema must exist (`idem migrate` creates it).
+    Postgres(PostgresStore),
+    /// Connected; warns at connect if the server may evict records.
+    Redis(RedisStore),
+}
+
+/// Evaluates `$body` with `$store` bound to the concrete store inside an [`Opened`], so code
+/// generic over `Store` and `Inspect` (verify's store mode, the operator commands) runs on every
+/// scheme: a new scheme adds its arm here and nothing else.
+macro_rules! with_store {
+    ($opened:expr, $store:ident => $body:expr) => {
+        match $opened {
+            $crate::store_url::Opened::Memory($store) => $body,
+            $crate::store_url::Opened::Sqlite($store) => $body,
+            $crate::store_url::Opened::Mysql($store) => $body,
+            $crate::store_url::Opened::Postgres($store) => $body,
+            $crate::store_url::Opened::Redis($store) => $body,
+        }
+    };
+}
+
+impl StoreUrl {
+    /// Opens the store: SQLite opens its file, networked stores connect.
+    pub(crate) async fn open(&self, opts: OpenOptions) -> anyhow::Result<Opened> {
+        match self {
+            StoreUrl::Memory => Ok(Opened::Memory(MemoryStore::new())),
+            StoreUrl::Sqlite(path) => {
+                if opts.must_exist {
+                    check_idem_database(path)?;
+                }
+                let store = SqliteStore::builder(path)
+                    .synchronous(opts.synchronous)
+                    .open()
+                    .with_context(|| format!("opening {self}"))?;
+                Ok(Opened::Sqlite(store))
+            }
+            StoreUrl::Mysql(url) => {
+                let store = MysqlStore::builder(url.as_str())
+                    .build()
+                    .with_context(|| format!("opening {self}"))?;
+                Ok(Opened::Mysql(store))
+            }
+            StoreUrl::Postgres(url) => {
+                let store = PostgresStore::builder(url.as_str())
+                    .connect()
+                    .await
+                    .with_context(|| format!("opening {self}"))?;
+                Ok(Opened::Postgres(store))
+            }
+            StoreUrl::Redis(url) => {
+                let store = RedisStore::connect(url)
+                    .await
+                    .with_context(|| format!("connecting to {self}"))?;
+                Ok(Opened::Redis(store))
+            }
+        }
+    }
+}
+
+/// Refuses, with a clear message, a path that is not an existing idem SQLite database: operator
+/// commands must neither create a database nor add idem's tables to someone else's.
+fn check_idem_database(path: &Path) -> anyhow::Result<()> {
+    let shown = path.display();
+    if !path.exists() {
+        bail!("no SQLite database at {shown}");
+    }
+    if path.is_dir() {
+        bail!("{shown} is a directory, not a SQLite database");
+    }
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("cannot open {shown} as a SQLite database"))?;
+    let has_records: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'idem_records')",
+            [],
+            |r| r.get(0),
+        )
+        .with_context(|| format!("cannot read {shown} as a SQLite database"))?;
+    if !has_records {
+        bail!("{shown} is a SQLite database without idem records (no idem_records table)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_clearly() {
+        assert_eq!("memory".parse::<StoreUrl>().unwrap(), StoreUrl::Memory);
+        assert_eq!(
+            "sqlite:/tmp/a.db".parse::<StoreUrl>().unwrap(),
+            StoreUrl::Sqlite("/tmp/a.db".into())
+        );
+        assert_eq!(
+            "sqlite:///tmp/a.db".parse::<StoreUrl>().unwrap(),
+            StoreUrl::Sqlite("/tmp/a.db".into())
+        );
+        let redis = "redis://:secret@127.0.0.1:6379/14"
+            .parse::<StoreUrl>()
+            .unwrap();
+        assert_eq!(
+            redis,
+            StoreUrl::Redis("redis://:secret@127.0.0.1:6379/14".into())
+        );
+        assert_eq!(redis.to_string(), "redis://:***@127.0.0.1:6379/14");
+        assert!(matches!(
+            "rediss://h".parse::<StoreUrl>().unwrap(),
+            StoreUrl::Redis(_)
+        ));
+        let err = "sqlite:".parse::<StoreUrl>().unwrap_err().to_string();
+        assert!(err.contains("no path"), "{err}");
+        let pg = "postgres://u:secret@h:5432/db".parse::<StoreUrl>().unwrap();
+        assert_eq!(
+            pg,
+            StoreUrl::Postgres("postgres://u:secret@h:5432/db".into())
+        );
+        assert_eq!(pg.to_string(), "postgres://u:***@h:5432/db");
+        let err = "ftp://u:secret@h/x"
+            .parse::<StoreUrl>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"ftp\"") && !err.contains("secret"), "{err}");
+        let url = "mysql://app:secret@db:3306/idem"
+            .parse::<StoreUrl>()
+            .unwrap();
+        assert_eq!(
+            url,
+            StoreUrl::Mysql("mysql://app:secret@db:3306/idem".into())
+        );
+        assert_eq!(url.to_string(), "mysql://app:***@db:3306/idem");
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("redis://:pw@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(
+            redact("postgres://user:pw@host/db"),
+            "postgres://user:***@host/db"
+        );
+        assert_eq!(redact("postgres://host/db"), "postgres://host/db");
+    }
+}

@@ -1,0 +1,400 @@
+//! What `verify` measured, what it concludes, and how it prints it: one [`RunReport`] per mode,
+//! one [`Check`] per mode, a table or one JSON object.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::consumer::{Stats, Window};
+use super::faults::Fault;
+use super::ledger::Snapshot;
+use super::workload::Workload;
+
+/// The three modes, in the order they run and print.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ModeName {
+    Naive,
+    Store,
+    Transactional,
+}
+
+impl ModeName {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ModeName::Naive => "naive",
+            ModeName::Store => "store",
+            ModeName::Transactional => "transactional",
+        }
+    }
+}
+
+/// Window events by cause.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub(crate) struct WindowEvents {
+    /// A crash aborted a delivery between its effect and its record.
+    pub(crate) crashes: u64,
+    /// A pause ended with another consumer having taken over.
+    pub(crate) pause_takeovers: u64,
+    /// Other ways an applied effect went unrecorded (a lease lost without a pause, a completion
+    /// that failed after its retries).
+    pub(crate) other: u64,
+}
+
+/// The measurements of one mode. The first fields are the issue's; the rest explain them.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct RunReport {
+    pub(crate) mode: ModeName,
+    pub(crate) messages: u64,
+    pub(crate) deliveries: u64,
+    pub(crate) duplicate_deliveries: u64,
+    /// Effect applications that stuck (counted in the ledger, per transfer).
+    pub(crate) effects: u64,
+    /// Applications beyond the first, summed over transfers.
+    pub(crate) duplicate_effects: u64,
+    /// Transfers never applied.
+    pub(crate) lost: u64,
+    pub(crate) window_events: u64,
+    pub(crate) msgs_per_s: f64,
+    pub(crate) elapsed_s: f64,
+    /// Published copies not acked when the run ended: 0 unless `--timeout-s` cut it short.
+    pub(crate) unacked: u64,
+    /// Every balance equals what the ledger's own application counts imply (no half-applied
+    /// transfer).
+    pub(crate) balances_match_effects: bool,
+    /// Every balance equals what the unique transfers imply (exactly once).
+    pub(crate) balances_exact: bool,
+    /// The sum of balances is unchanged.
+    pub(crate) total_conserved: bool,
+    pub(crate) window: WindowEvents,
+    /// Claims that took over an expired lease (store mode).
+    pub(crate) takeovers: u64,
+    /// Consumers started again after a crash.
+    pub(crate) consumer_restarts: u64,
+    pub(crate) dead_letters: u64,
+    /// Faults injected, by kind.
+    pub(crate) faults: BTreeMap<&'static str, u64>,
+    /// Deliveries by outcome (`executed`, `replayed`, `in_progress`, `lease_lost`,
+    /// `store_error`..., `applied` for naive).
+    pub(crate) outcomes: BTreeMap<&'static str, u64>,
+    /// Failures of the harness itself (should be empty).
+    pub(crate) errors: Vec<String>,
+}
+
+impl RunReport {
+    pub(crate) fn new(
+        mode: ModeName,
+        workload: &Workload,
+        stats: &Stats,
+        snapshot: &Snapshot,
+        elapsed: Duration,
+        unacked: u64,
+    ) -> Self {
+        let applied = &snapshot.applied;
+        let effects = applied.iter().map(|&a| u64::from(a)).sum();
+        let duplicate_effects = applied
+            .iter()
+            .map(|&a| u64::from(a.saturating_sub(1)))
+            .sum();
+        let lost = applied.iter().filter(|&&a| a == 0).count() as u64;
+        let window = WindowEvents {
+            crashes: stats.windows(Window::Crash),
+            pause_takeovers: stats.windows(Window::PauseTakeover),
+            other: stats.windows(Window::Other),
+        };
+        let faults = stats.faults.snapshot();
+        let messages = workload.transfers.len() as u64;
+        Self {
+            mode,
+            messages,
+            deliveries: stats.total_deliveries(),
+            duplicate_deliveries: stats.duplicate_deliveries(),
+            effects,
+            duplicate_effects,
+            lost,
+            window_events: window.crashes + window.pause_takeovers + window.other,
+            msgs_per_s: (messages as f64 / elapsed.as_secs_f64().max(1e-9)).round(),
+            elapsed_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            unacked,
+            balances_match_effects: snapshot.balances
+                == workload.balances(|i| applied.get(i).copied().unwrap_or(0)),
+            balances_exact: snapshot.balances == workload.balances(|_| 1),
+            total_conserved: snapshot.balances.iter().sum::<i64>() == workload.total(),
+            window,
+            takeovers: stats.takeovers(),
+            consumer_restarts: stats.restarts(),
+            dead_letters: stats.dead_letters(),
+            faults: Fault::ALL
+                .iter()
+                .map(|&f| (f.name(), faults.get(f)))
+                .collect(),
+            outcomes: stats.outcomes(),
+            errors: stats.errors(),
+        }
+    }
+}
+
+/// The verdict on one mode.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Check {
+    pub(crate) mode: ModeName,
+    pub(crate) ok: bool,
+    /// What held, or what failed.
+    pub(crate) detail: String,
+}
+
+/// Judges one mode: what idem promises for it (transactional: exactly once; store: nothing
+/// lost and no duplicate without a window event), and for naive, that the faults did reach it.
+pub(crate) fn check(run: &RunReport) -> Check {
+    let mut failures = Vec::new();
+    if run.unacked > 0 {
+        failures.push(format!(
+            "did not finish within --timeout-s ({} messages still unacked)",
+            run.unacked
+        ));
+    }
+    if !run.errors.is_empty() {
+        failures.push(format!("harness errors: {}", run.errors.join("; ")));
+    }
+    if !run.total_conserved {
+        failures.push("the total of balances changed".to_owned());
+    }
+    if !run.balances_match_effects {
+        failures.push(
+            "balances disagree with the applied transfers (a half-applied transfer)".to_owned(),
+        );
+    }
+    let (dup, lost, win) = (run.duplicate_effects, run.lost, run.window_events);
+    let summary = match run.mode {
+        ModeName::Naive => {
+            if lost > 0 {
+                failures.push(format!(
+                    "{lost} transfers never applied: the harness lost messages"
+                ));
+            }
+            if dup == 0 {
+                failures.push(
+                    "no duplicate effect: the fault injection did not work (raise the fault \
+                     rates or --messages)"
+                        .to_owned(),
+                );
+            }
+            format!("{dup} duplicate effects without idem: the faults reached the consumer")
+        }
+        ModeName::Store => {
+            if lost > 0 {
+                failures.push(format!("{lost} transfers lost"));
+            }
+            if dup > win {
+                failures.push(format!(
+                    "{dup} duplicate effects but only {win} window events: duplicates outside \
+                     store mode's window"
+                ));
+            }
+            format!(
+                "0 lost; {dup} duplicate effects <= {win} window events (crashes between the \
+                 effect and `complete`, pauses that ended in a takeover)"
+            )
+        }
+        ModeName::Transactional => {
+            if dup > 0 {
+                failures.push(format!("{dup} duplicate effects"));
+            }
+            if lost > 0 {
+                failures.push(format!("{lost} transfers lost"));
+            }
+            if !run.balances_exact {
+                failures.push("balances differ from what the transfers imply".to_owned());
+            }
+            "exactly once: 0 duplicate and 0 lost effects, every balance exact".to_owned()
+        }
+    };
+    let ok = failures.is_empty();
+    Check {
+        mode: run.mode,
+        ok,
+        detail: if ok { summary } else { failures.join("; ") },
+    }
+}
+
+/// The whole run, as `--json` prints it.
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    pub(crate) ok: bool,
+    pub(crate) seed: u64,
+    pub(crate) messages: u64,
+    pub(crate) accounts: u32,
+    pub(crate) consumers: usize,
+    pub(crate) store: String,
+    /// The default store: a file in a temporary directory, gone when `verify` exits.
+    #[serde(skip)]
+    pub(crate) temporary_store: bool,
+    pub(crate) runs: Vec<RunReport>,
+    pub(crate) checks: Vec<Check>,
+    /// Modes that could not run on this store, with the reason.
+    pub(crate) skipped: Vec<String>,
+}
+
+impl Report {
+    /// The human-readable form: the table, the faults injected, the checks, the verdict.
+    pub(crate) fn to_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "idem verify: {} transfers between {} accounts, {} consumers, seed {}, store {}{}\n",
+            self.messages,
+            self.accounts,
+            self.consumers,
+            self.seed,
+            self.store,
+            if self.temporary_store {
+                " (temporary)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            out,
+            "{:<13} {:>9} {:>10} {:>11} {:>9} {:>11} {:>6} {:>7} {:>9}",
+            "mode",
+            "messages",
+            "deliveries",
+            "dup deliv.",
+            "effects",
+            "dup effects",
+            "lost",
+            "window",
+            "msgs/s"
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                out,
+                "{:<13} {:>9} {:>10} {:>11} {:>9} {:>11} {:>6} {:>7} {:>9.0}",
+                r.mode.as_str(),
+                r.messages,
+                r.deliveries,
+                r.duplicate_deliveries,
+                r.effects,
+                r.duplicate_effects,
+                r.lost,
+                r.window_events,
+                r.msgs_per_s
+            );
+        }
+        let _ = writeln!(out, "\nfaults injected:");
+        let _ = write!(out, "{:<13}", "mode");
+        for f in Fault::ALL {
+            let _ = write!(out, " {:>w$}", f.header(), w = f.header().len().max(5));
+        }
+        let _ = writeln!(out);
+        for r in &self.runs {
+            let _ = write!(out, "{:<13}", r.mode.as_str());
+            for f in Fault::ALL {
+                let n = r.faults.get(f.name()).copied().unwrap_or(0);
+                let _ = write!(out, " {:>w$}", n, w = f.header().len().max(5));
+            }
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(out, "\nchecks:");
+        for c in &self.checks {
+            let mark = if c.ok { "ok  " } else { "FAIL" };
+            let _ = writeln!(out, "  {mark} {:<13} {}", c.mode.as_str(), c.detail);
+        }
+        for s in &self.skipped {
+            let _ = writeln!(out, "  skip {s}");
+        }
+        let _ = writeln!(
+            out,
+            "\n{}",
+            if self.ok {
+                "verdict: OK (exactly once where idem promises it)"
+            } else {
+                "verdict: FAILED"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "window = window events: an effect applied and not recorded when its consumer \
+             crashed, paused past its lease or lost it. Reproduce with --seed {}.",
+            self.seed
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(mode: ModeName, dup: u64, lost: u64, window: u64) -> RunReport {
+        RunReport {
+            mode,
+            messages: 100,
+            deliveries: 120,
+            duplicate_deliveries: 20,
+            effects: 100 - lost + dup,
+            duplicate_effects: dup,
+            lost,
+            window_events: window,
+            msgs_per_s: 1.0,
+            elapsed_s: 1.0,
+            unacked: 0,
+            balances_match_effects: true,
+            balances_exact: dup == 0 && lost == 0,
+            total_conserved: true,
+            window: WindowEvents {
+                crashes: window,
+                pause_takeovers: 0,
+                other: 0,
+            },
+            takeovers: 0,
+            consumer_restarts: 0,
+            dead_letters: 0,
+            faults: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn transactional_must_be_exactly_once() {
+        assert!(check(&run(ModeName::Transactional, 0, 0, 0)).ok);
+        assert!(!check(&run(ModeName::Transactional, 1, 0, 0)).ok);
+        assert!(!check(&run(ModeName::Transactional, 0, 1, 0)).ok);
+    }
+
+    #[test]
+    fn store_duplicates_need_window_events() {
+        assert!(check(&run(ModeName::Store, 3, 0, 3)).ok);
+        assert!(check(&run(ModeName::Store, 0, 0, 3)).ok);
+        let c = check(&run(ModeName::Store, 4, 0, 3));
+        assert!(
+            !c.ok && c.detail.contains("only 3 window events"),
+            "{}",
+            c.detail
+        );
+        assert!(!check(&run(ModeName::Store, 0, 1, 0)).ok);
+    }
+
+    #[test]
+    fn naive_without_duplicates_means_no_faults_reached_it() {
+        assert!(check(&run(ModeName::Naive, 5, 0, 0)).ok);
+        let c = check(&run(ModeName::Naive, 0, 0, 0));
+        assert!(!c.ok && c.detail.contains("fault injection did not work"));
+    }
+
+    #[test]
+    fn broken_ledgers_and_unfinished_runs_fail() {
+        let mut r = run(ModeName::Store, 0, 0, 0);
+        r.total_conserved = false;
+        assert!(!check(&r).ok);
+        let mut r = run(ModeName::Store, 0, 0, 0);
+        r.unacked = 3;
+        assert!(!check(&r).ok);
+        let mut r = run(ModeName::Transactional, 0, 0, 0);
+        r.balances_match_effects = false;
+        assert!(!check(&r).ok);
+    }
+}

@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests: the shared server's store, unique names, and a
+//! ledger table to write effects into.
+
+#![allow(dead_code, unreachable_pub)]
+
+use idem::Namespace;
+use idem_conformance::server;
+use idem_mysql::MysqlStore;
+use mysql_async::prelude::Queryable;
+
+/// The shared server's URL, or `None` (skip, loudly) outside CI.
+pub fn url() -> Option<String> {
+    server::url(server::MYSQL)
+}
+
+/// A name unique across tests and processes.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:x}_{:x}", std::process::id(), fastrand::u32(..))
+}
+
+/// A fresh namespace.
+pub fn namespace() -> Namespace {
+    Namespace::new(unique("ns")).unwrap()
+}
+
+/// A store on `table` with its schema created.
+pub async fn store(url: &str, table: &str) -> MysqlStore {
+    let store = MysqlStore::builder(url).table(table).build().unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+/// A ledger table for effects: one row per applied transfer. Dropped by [`Ledger::drop_table`].
+pub struct Ledger {
+    pub pool: mysql_async::Pool,
+    pub table: String,
+}
+
+impl Ledger {
+    pub async fn create(url: &str) -> Self {
+        let pool = mysql_async::Pool::new(url);
+        let table = unique("ledger");
+        pool.get_conn()
+            .await
+            .unwrap()
+            .query_drop(format!(
+                "CREATE TABLE {table} (transfer VARCHAR(64) NOT NULL, amount INT NOT NULL) \
+                 ENGINE = InnoDB"
+            ))
+            .await
+            .unwrap();
+        Self { pool, table }
+    }
+
+    /// The SQL that applies one effect.
+    pub fn insert(&self, transfer: &str) -> String {
+        format!(
+            "INSERT INTO {} (transfer, amount) VALUES ('{transfer}', 10)",
+            self.table
+        )
+    }
+
+    /// Committed rows for `transfer`.
+    pub async fn rows(&self, transfer: &str) -> i64 {
+        let n: Option<i64> = self
+            .pool
+            .get_conn()
+            .await
+            .unwrap()
+            .query_first(format!(
+                "SELECT COUNT(*) FROM {} WHERE transfer = '{transfer}'",
+                self.table
+            ))
+            .await
+            .unwrap();
+        n.unwrap()
+    }
+
+    pub async fn drop_table(self) {
+        let mut conn = self.pool.get_conn().await.unwrap();
+        conn.query_drop(format!("DROP TABLE IF EXISTS {}", self.table))
+            .await
+            .unwrap();
+        drop(conn);
+        let _ = self.pool.disconnect().await;
+    }
+}

@@ -1,0 +1,100 @@
+//! Metric names. Everything goes through the [`metrics`] facade, labelled with the executor's
+//! name, so any recorder (Prometheus, StatsD, ...) picks them up. Install the recorder before
+//! building executors: handles are registered once, at build time.
+
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+
+/// Handlers that ran and whose completion is durable.
+pub const EXECUTED: &str = "idem_executed_total";
+/// Duplicates answered with a stored result.
+pub const REPLAYED: &str = "idem_replayed_total";
+/// Claims that met another consumer's live lease.
+pub const IN_PROGRESS: &str = "idem_in_progress_total";
+/// Claims that took over an expired lease (store mode's window: the old owner may have run).
+pub const TAKEOVERS: &str = "idem_takeovers_total";
+/// Claims that found a record past retention and processed the key again.
+pub const REPROCESSED: &str = "idem_reprocessed_total";
+/// Claims whose payload fingerprint differed from the stored one.
+pub const MISMATCHES: &str = "idem_mismatches_total";
+/// Writes refused because the lease was lost.
+pub const LEASE_LOST: &str = "idem_lease_lost_total";
+/// Claims released after a handler error (to be retried).
+pub const RELEASED: &str = "idem_released_total";
+/// Keys failed for good (attempts exhausted).
+pub const EXHAUSTED: &str = "idem_exhausted_total";
+/// Store operations that returned an error, by `op`.
+pub const STORE_ERRORS: &str = "idem_store_errors_total";
+/// Store operation latency in seconds, by `op`.
+pub const STORE_LATENCY: &str = "idem_store_op_seconds";
+
+/// The store operations timed in [`STORE_LATENCY`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Op {
+    Claim,
+    Complete,
+    Release,
+    Extend,
+    Fail,
+}
+
+impl Op {
+    const ALL: [Op; 5] = [Op::Claim, Op::Complete, Op::Release, Op::Extend, Op::Fail];
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Claim => "claim",
+            Op::Complete => "complete",
+            Op::Release => "release",
+            Op::Extend => "extend",
+            Op::Fail => "fail",
+        }
+    }
+}
+
+/// Registered handles of one executor.
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    pub(crate) executed: Counter,
+    pub(crate) replayed: Counter,
+    pub(crate) in_progress: Counter,
+    pub(crate) takeovers: Counter,
+    pub(crate) reprocessed: Counter,
+    pub(crate) mismatches: Counter,
+    pub(crate) lease_lost: Counter,
+    pub(crate) released: Counter,
+    pub(crate) exhausted: Counter,
+    latency: [Histogram; 5],
+    errors: [Counter; 5],
+}
+
+impl Metrics {
+    pub(crate) fn new(executor: &str) -> Self {
+        let name = executor.to_owned();
+        let c = |metric: &'static str| metrics::counter!(metric, "executor" => name.clone());
+        Self {
+            executed: c(EXECUTED),
+            replayed: c(REPLAYED),
+            in_progress: c(IN_PROGRESS),
+            takeovers: c(TAKEOVERS),
+            reprocessed: c(REPROCESSED),
+            mismatches: c(MISMATCHES),
+            lease_lost: c(LEASE_LOST),
+            released: c(RELEASED),
+            exhausted: c(EXHAUSTED),
+            latency: Op::ALL.map(|op| {
+                metrics::histogram!(STORE_LATENCY, "executor" => name.clone(), "op" => op.as_str())
+            }),
+            errors: Op::ALL.map(|op| {
+                metrics::counter!(STORE_ERRORS, "executor" => name.clone(), "op" => op.as_str())
+            }),
+        }
+    }
+
+    pub(crate) fn store_op(&self, op: Op, elapsed: Duration, ok: bool) {
+        self.latency[op as usize].record(elapsed.as_secs_f64());
+        if !ok {
+            self.errors[op as usize].increment(1);
+        }
+    }
+}
