@@ -72,7 +72,13 @@ fn corrupt(key: &Key, what: &str) -> StoreError {
 
 /// Decodes the record columns of `SELECT`, which start at column `at` of the row.
 fn decode(key: &Key, row: &Row<'_>, at: usize) -> Result<Record, StoreError> {
-    let get_err = |e| sql_error("read record", e);
+    // A column of the wrong type or out of range is a corrupt record, not a database failure.
+    let get_err = |e: rusqlite::Error| match e {
+        rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => corrupt(key, &e.to_string()),
+        e => sql_error("read record", e),
+    };
     let state: i64 = row.get(at).map_err(get_err)?;
     let state =
         State::from_code(state).ok_or_else(|| corrupt(key, &format!("unknown state {state}")))?;
@@ -97,6 +103,11 @@ fn decode(key: &Key, row: &Row<'_>, at: usize) -> Result<Record, StoreError> {
     };
     if state == State::InProgress && (token.is_none() || lease_until.is_none()) {
         return Err(corrupt(key, "in progress without a token or lease"));
+    }
+    // A completed record without its result would replay an empty one; a failed one without
+    // its reason would dead-letter with none.
+    if matches!(state, State::Completed | State::Failed) && result.is_none() {
+        return Err(corrupt(key, &format!("{state} without a stored result")));
     }
     Ok(Record::new(
         key.clone(),

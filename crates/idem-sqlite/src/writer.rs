@@ -41,6 +41,11 @@ pub(crate) trait Job: Send {
 /// A reply waiting for its batch to commit.
 pub(crate) trait Deliver: Send {
     fn deliver(self: Box<Self>, committed: Result<(), &StoreError>);
+    /// Whether the job failed: an isolated job's writes are then undone, so a batch operation
+    /// that fails halfway leaves nothing behind.
+    fn failed(&self) -> bool {
+        false
+    }
 }
 
 /// A job from a closure.
@@ -88,6 +93,10 @@ impl<T: Send> Deliver for Reply<T> {
         };
         // The caller may have given up (a cancelled future); nothing to do then.
         let _ = self.tx.send(value);
+    }
+
+    fn failed(&self) -> bool {
+        self.value.is_err()
     }
 }
 
@@ -171,12 +180,29 @@ impl Shared {
         // The clock is read under the write lock, so time never goes backwards between two
         // batches of different processes sharing the file.
         let now = self.clock.now();
+        let mut rolled_back = None;
         for job in jobs {
+            if let Some(e) = &rolled_back {
+                job.abort(e);
+                continue;
+            }
             replies.push(run_job(conn, job, now));
+            // Some errors (a full disk, an I/O error) make SQLite roll the whole transaction
+            // back. The jobs after it must not run in autocommit mode, where each would commit
+            // on its own while the batch reports failure.
+            if conn.is_autocommit() {
+                rolled_back = Some(StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    "SQLite rolled the write transaction back after an error",
+                ));
+            }
         }
-        let committed = conn
-            .execute_batch("COMMIT")
-            .map_err(|e| sql_error("commit", e));
+        let committed = match rolled_back {
+            Some(e) => Err(e),
+            None => conn
+                .execute_batch("COMMIT")
+                .map_err(|e| sql_error("commit", e)),
+        };
         if let Err(e) = &committed {
             tracing::error!(error = %e, "idem sqlite: commit failed; the batch is rolled back");
             let _ = conn.execute_batch("ROLLBACK");
@@ -222,7 +248,12 @@ fn run_job(conn: &Connection, job: Box<dyn Job>, now: Timestamp) -> Box<dyn Deli
     }
     match catch_unwind(AssertUnwindSafe(|| job.run(conn, now))) {
         Ok(reply) => {
-            if let Err(e) = conn.execute_batch("RELEASE idem_job") {
+            let end = if reply.failed() {
+                "ROLLBACK TO idem_job; RELEASE idem_job"
+            } else {
+                "RELEASE idem_job"
+            };
+            if let Err(e) = conn.execute_batch(end) {
                 tracing::error!(error = %e, "idem sqlite: cannot release a savepoint");
             }
             reply

@@ -4,7 +4,7 @@
 
 use idem::ManualClock;
 use idem_conformance::ManualHarness;
-use idem_sqlite::SqliteStore;
+use idem_sqlite::{SqliteStore, Synchronous};
 
 async fn in_memory() -> ManualHarness<SqliteStore> {
     let clock = ManualClock::new();
@@ -20,9 +20,14 @@ mod memory {
 }
 
 async fn on_disk() -> ManualHarness<SqliteStore> {
+    on_disk_with(Synchronous::Normal)
+}
+
+fn on_disk_with(level: Synchronous) -> ManualHarness<SqliteStore> {
     let clock = ManualClock::new();
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SqliteStore::builder(dir.path().join("idem.db"))
+        .synchronous(level)
         .clock(clock.clone())
         .open()
         .expect("open SQLite file");
@@ -33,4 +38,13 @@ async fn on_disk() -> ManualHarness<SqliteStore> {
 
 mod disk {
     idem_conformance::conformance_tests!(super::on_disk);
+}
+
+// `FULL` sends every operation through the writer thread (no inline fast path).
+async fn on_disk_full() -> ManualHarness<SqliteStore> {
+    on_disk_with(Synchronous::Full)
+}
+
+mod disk_full {
+    idem_conformance::conformance_tests!(super::on_disk_full);
 }

@@ -63,12 +63,19 @@ fn read_lines(
 }
 
 fn sigkill(child: &mut Child) {
+    use std::os::unix::process::ExitStatusExt;
+    // A child that already exited (a panic, a failed open) would make the test vacuous.
+    assert!(
+        child.try_wait().expect("poll child").is_none(),
+        "the child exited before it was killed"
+    );
     // `Child::kill` sends SIGKILL on Unix: no destructor, no flush, no commit runs.
     child.kill().expect("SIGKILL child");
     let status = child.wait().expect("reap child");
-    assert!(
-        !status.success(),
-        "the child must have died from the signal"
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the child must have died from SIGKILL, not {status}"
     );
 }
 
@@ -181,7 +188,8 @@ async fn transactional_crash_before_commit_leaves_neither_effect_nor_record() {
             .expect("create ledger");
     }
     let mut child = spawn_child("transactional", &db);
-    read_lines(&mut child, "effect written", |_| true);
+    let seen = read_lines(&mut child, "effect written", |_| true);
+    assert_eq!(seen.len(), 1, "the child never wrote its effect");
     sigkill(&mut child);
 
     let ledger_rows = |db: &Path| -> i64 {
