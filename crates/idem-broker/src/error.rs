@@ -110,15 +110,7 @@ impl BrokerError {
     allow(dead_code)
 )]
 pub(crate) fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            // Cannot fail: the URL has a host since it has a password.
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparsable URL>".to_owned(),
-    }
+    idem::redact_url(url)
 }
 
 #[cfg(test)]
@@ -133,6 +125,6 @@ mod tests {
             super::redact("nats://127.0.0.1:4222"),
             "nats://127.0.0.1:4222"
         );
-        assert!(!super::redact("not a url with secret").contains("secret"));
+        assert!(!super::redact("guest:secret@host").contains("secret"));
     }
 }

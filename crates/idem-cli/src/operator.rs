@@ -17,8 +17,9 @@ use crate::store_url::{OpenOptions, Opened, StoreUrl};
 /// The store every operator command works on.
 #[derive(clap::Args, Debug)]
 pub(crate) struct StoreArg {
-    /// The store: `sqlite:PATH`, `postgres://USER@HOST/DB` or `mysql://USER@HOST/DB`.
-    #[arg(long, env = "IDEM_STORE", value_name = "URL")]
+    /// The store: `sqlite:PATH`, `redis://HOST`, `postgres://USER@HOST/DB` or
+    /// `mysql://USER@HOST/DB`. Help never shows the variable's value (it may hold a password).
+    #[arg(long, env = "IDEM_STORE", hide_env_values = true, value_name = "URL")]
     store: StoreUrl,
 }
 
@@ -43,7 +44,7 @@ impl StoreArg {
 pub(crate) struct InspectArgs {
     #[command(flatten)]
     store: StoreArg,
-    /// How many in-progress records to list, the longest-held first.
+    /// How many in-progress records to list, stuck ones first.
     #[arg(long, default_value_t = 20)]
     limit: usize,
     /// Print one JSON object instead of text.
@@ -107,11 +108,14 @@ struct InspectView {
     counts: Vec<(&'static str, u64)>,
     total: u64,
     in_progress: u64,
-    /// In-progress records, the longest-held first, at most `--limit`.
+    /// In-progress records, at most `--limit`, the stuck ones first, then by lease end.
     listed: Vec<RecordView>,
-    /// Of the listed ones, how many have a lease that ended: no consumer holds them, and the
-    /// next delivery takes over.
-    stuck_listed: usize,
+    /// In-progress records whose lease ended: no consumer holds them, and the next delivery
+    /// takes over. Stores list stuck claims first, so this is exact unless every listed
+    /// record is stuck and more are in progress than listed: then it is a lower bound.
+    stuck: usize,
+    /// Whether `stuck` is only a lower bound (raise `--limit` to count them all).
+    stuck_at_least: bool,
 }
 
 impl InspectView {
@@ -137,7 +141,9 @@ impl InspectView {
             counts: all.iter().map(|&s| (s.as_str(), count(s))).collect(),
             total: counts.iter().map(|(_, n)| n).sum(),
             in_progress: count(State::InProgress),
-            stuck_listed: listed.iter().filter(|r| r.is_lease_expired(now)).count(),
+            stuck: listed.iter().filter(|r| r.is_lease_expired(now)).count(),
+            stuck_at_least: listed.iter().all(|r| r.is_lease_expired(now))
+                && (listed.len() as u64) < count(State::InProgress),
             listed: listed.iter().map(|r| RecordView::new(r, now)).collect(),
         })
     }
@@ -158,13 +164,17 @@ impl InspectView {
             let _ = writeln!(out, "\nno record in progress");
             return out;
         }
+        let stuck = if self.stuck_at_least {
+            format!("at least {} (raise --limit to count them all)", self.stuck)
+        } else {
+            self.stuck.to_string()
+        };
         let _ = writeln!(
             out,
-            "\nin progress: {} (the {} longest-held below); {} of those stuck (lease ended: \
-             no consumer holds it, the next delivery takes over)",
+            "\nin progress: {}, stuck: {stuck} (lease ended: no consumer holds it, the next \
+             delivery takes over); {} listed below, stuck first",
             self.in_progress,
             self.listed.len(),
-            self.stuck_listed
         );
         let w = self
             .listed

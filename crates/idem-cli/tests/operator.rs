@@ -49,14 +49,14 @@ async fn fixture() -> Db {
         }
         assert!(store.complete(&c).await.unwrap().is_applied());
     }
-    store
-        .claim(&claim("stuck", Duration::from_millis(1)))
-        .await
-        .unwrap();
-    // Claimed a few milliseconds later, so "stuck" is the longest-held claim.
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // "live" is the older claim, yet "stuck" (lease ended) is listed first.
     store
         .claim(&claim("live", Duration::from_secs(600)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    store
+        .claim(&claim("stuck", Duration::from_millis(1)))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -105,12 +105,21 @@ async fn inspect_counts_states_and_lists_stuck_claims() {
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["total"], 4);
     assert_eq!(v["in_progress"], 2);
-    assert_eq!(v["stuck_listed"], 1);
+    assert_eq!(v["stuck"], 1);
+    assert_eq!(v["stuck_at_least"], false);
     let counts: Vec<(String, u64)> = serde_json::from_value(v["counts"].clone()).unwrap();
     assert!(counts.contains(&("completed".to_owned(), 2)), "{counts:?}");
-    // The longest-held claim first: "stuck" was claimed before "live".
+    // Stuck claims first.
     assert_eq!(v["listed"][0]["key"], "orders:stuck");
     assert_eq!(v["listed"][0]["attempts"], 1);
+
+    // Only the stuck one listed: there may be more stuck ones beyond the limit.
+    let out = idem(&["inspect", "--store", &db.url(), "--json", "--limit", "1"]);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (v["stuck"].clone(), v["stuck_at_least"].clone()),
+        (1.into(), true.into())
+    );
 }
 
 #[tokio::test]

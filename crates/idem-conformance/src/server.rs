@@ -93,19 +93,9 @@ fn reachable(url: &str) -> Result<(), String> {
     Err(last)
 }
 
-/// The URL with any password replaced by `***`.
+/// The URL with any password replaced by `***` (see [`idem::redact_url`]).
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{tail}")
-        }
-        _ => url.to_owned(),
-    }
+    idem::redact_url(url)
 }
 
 #[cfg(test)]

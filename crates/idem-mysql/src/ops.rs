@@ -749,7 +749,7 @@ pub(crate) async fn in_progress(
     limit: usize,
 ) -> Result<Vec<Record>, StoreError> {
     let sql = format!(
-        "SELECT namespace, id, {RECORD_COLUMNS} FROM {} WHERE state = 1 ORDER BY updated_at \
+        "SELECT namespace, id, {RECORD_COLUMNS} FROM {} WHERE state = 1 ORDER BY lease_until, updated_at \
          LIMIT {limit}",
         ctx.table.q()
     );

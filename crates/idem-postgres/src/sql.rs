@@ -429,7 +429,7 @@ impl Statements {
             in_progress: table.render(concat!(
                 "SELECT namespace, id, ",
                 record_columns!(),
-                " FROM {table} WHERE state = 1 ORDER BY updated_at LIMIT $1::int8"
+                " FROM {table} WHERE state = 1 ORDER BY lease_until, updated_at LIMIT $1::int8"
             )),
             now: concat!("SELECT ", ms!("now()")),
         }

@@ -863,7 +863,7 @@ impl Inspect for RedisStore {
                 out.extend(rec.filter(|r| r.state == State::InProgress));
             }
         }
-        out.sort_by_key(|r| r.updated_at);
+        out.sort_by_key(|r| (r.lease_until, r.updated_at));
         out.truncate(limit);
         Ok(out)
     }
@@ -899,20 +899,9 @@ impl RedisStore {
     }
 }
 
-/// `url` with its credentials replaced by `***`, for messages and logs.
+/// `url` with its credentials replaced by `***`, for messages and logs (see [`idem::redact_url`]).
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        // A user name alone may be a password written in the wrong place: hide it too.
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => format!("{scheme}://***@{host}{tail}"),
-        },
-        None => url.to_owned(),
-    }
+    idem::redact_url(url)
 }
 
 #[cfg(test)]

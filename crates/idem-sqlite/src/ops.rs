@@ -308,7 +308,7 @@ pub(crate) fn list_in_progress(conn: &Connection, limit: usize) -> Result<Vec<Re
         .prepare_cached(
             "SELECT namespace, id, state, fingerprint, token, owner, lease_until, attempts, \
              result, created_at, updated_at, expires_at FROM idem_records WHERE state = 1 \
-             ORDER BY updated_at LIMIT ?1",
+             ORDER BY lease_until, updated_at LIMIT ?1",
         )
         .map_err(|e| sql_error("prepare", e))?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);

@@ -44,6 +44,7 @@ mod key;
 mod memory;
 pub mod metrics;
 mod record;
+mod redact;
 mod store;
 mod stored;
 pub mod transition;
@@ -58,6 +59,7 @@ pub use crate::memory::MemoryStore;
 pub use crate::record::{
     Clock, ManualClock, Owner, Record, State, SystemClock, Timestamp, Token, duration_millis,
 };
+pub use crate::redact::redact_url;
 pub use crate::store::{
     Acquisition, Claim, ClaimRequest, Completion, DEFAULT_LEASE, DEFAULT_MAX_RESULT_BYTES,
     DEFAULT_RETENTION, Inspect, Lease, Store, WriteOutcome, check_result_size, default_owner,

@@ -279,7 +279,7 @@ impl Inspect for MemoryStore {
             let held = shard.iter().filter_map(|(_, slot)| slot.as_ref());
             out.extend(held.filter(|r| r.state == State::InProgress).cloned());
         }
-        out.sort_by_key(|r| r.updated_at);
+        out.sort_by_key(|r| (r.lease_until, r.updated_at));
         out.truncate(limit);
         Ok(out)
     }

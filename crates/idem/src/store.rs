@@ -389,7 +389,8 @@ pub trait Inspect: Store {
     /// A [`StoreError`] when the store cannot answer.
     fn count_by_state(&self) -> impl Future<Output = Result<Vec<(State, u64)>, StoreError>> + Send;
 
-    /// In-progress records, the longest-held first, at most `limit`.
+    /// In-progress records, at most `limit`, the earliest lease end first: claims whose lease
+    /// has ended (stuck: no consumer holds them) come before every live one.
     ///
     /// # Errors
     /// A [`StoreError`] when the store cannot answer.
