@@ -10,6 +10,7 @@ mod store_url;
 mod bench;
 mod migrate;
 mod operator;
+mod scratch;
 mod verify;
 
 use std::process::ExitCode;

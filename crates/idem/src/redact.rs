@@ -33,8 +33,8 @@ pub fn redact_url(url: &str) -> String {
     let mut out = String::with_capacity(url.len());
     out.push_str(scheme);
     out.push_str("://");
-    match userinfo {
-        Some(info) => match info.split_once(':') {
+    if let Some(info) = userinfo {
+        match info.split_once(':') {
             Some((user, _)) => {
                 out.push_str(user);
                 out.push_str(":***@");
@@ -44,8 +44,7 @@ pub fn redact_url(url: &str) -> String {
                 out.push_str(info);
                 out.push('@');
             }
-        },
-        None => {}
+        }
     }
     match tail.split_once('?') {
         Some((path, query)) => {

@@ -63,19 +63,7 @@ pub(super) async fn measure(
     );
     let result = run(url, display, profile, mode, args, &run_id, &tables, &pool).await;
     // Clean up even after a failure; a failed clean-up is reported but does not hide the result.
-    let mut cleanup = Ok(());
-    for table in &tables {
-        let dropped = async {
-            pool.get_conn()
-                .await?
-                .query_drop(format!("DROP TABLE IF EXISTS `{table}`"))
-                .await
-        }
-        .await;
-        if let Err(e) = dropped {
-            cleanup = Err(e).with_context(|| format!("dropping bench table {table}"));
-        }
-    }
+    let cleanup = crate::scratch::drop_mysql_tables(&pool, &tables).await;
     let _ = pool.disconnect().await;
     let row = result?;
     cleanup?;

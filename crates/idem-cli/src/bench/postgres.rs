@@ -81,9 +81,9 @@ pub(super) async fn measure(
     }
     .await;
     // Clean up whatever happened, on a connection of its own.
-    let dropped = drop_schema(url, &schema).await;
+    let dropped = crate::scratch::drop_postgres_schema(url, &schema).await;
     let row = out?;
-    dropped.with_context(|| format!("dropping the bench schema {schema}"))?;
+    dropped?;
     Ok(row)
 }
 
@@ -93,17 +93,6 @@ async fn synchronous_commit(store: &PostgresStore) -> anyhow::Result<String> {
         .query_one("SHOW synchronous_commit", &[])
         .await?
         .try_get(0)?)
-}
-
-async fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(conn);
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await?;
-    drop(client);
-    let _ = task.await;
-    Ok(())
 }
 
 /// How many slices the baseline and idem's first pass alternate over.

@@ -61,6 +61,8 @@ pub(crate) struct Stats {
     pub(crate) faults: Arc<FaultCounters>,
     suspects: Mutex<Vec<Suspect>>,
     windows: [AtomicU64; 3],
+    /// Window events per message, for the per-message check.
+    windows_by_message: Mutex<BTreeMap<u32, u32>>,
     takeovers: AtomicU64,
     restarts: AtomicU64,
     dead_letters: AtomicU64,
@@ -77,6 +79,7 @@ impl Stats {
             faults: Arc::new(FaultCounters::default()),
             suspects: Mutex::new(Vec::new()),
             windows: Default::default(),
+            windows_by_message: Mutex::new(BTreeMap::new()),
             takeovers: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
@@ -117,6 +120,7 @@ impl Stats {
     {
         let suspects =
             std::mem::take(&mut *self.suspects.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut by_message = BTreeMap::new();
         for s in suspects {
             let closed = match s.token {
                 Some(token) => landed(s.message, token).await?,
@@ -124,9 +128,24 @@ impl Stats {
             };
             if !closed {
                 self.windows[s.why as usize].fetch_add(1, Ordering::Relaxed);
+                *by_message.entry(s.message).or_insert(0) += 1;
             }
         }
+        *self
+            .windows_by_message
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = by_message;
         Ok(())
+    }
+
+    /// Window events of message `i` (after [`Stats::resolve_windows`]).
+    pub(crate) fn windows_of(&self, message: u32) -> u32 {
+        self.windows_by_message
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&message)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn error(&self, what: String) {

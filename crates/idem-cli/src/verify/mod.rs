@@ -18,6 +18,7 @@ mod harness;
 mod ledger;
 mod progress;
 mod report;
+mod sql;
 mod workload;
 
 use std::process::ExitCode;
@@ -36,6 +37,7 @@ use self::ledger::{
 };
 use self::progress::Progress;
 use self::report::{ModeName, Report, RunReport, check};
+use self::sql::{MysqlLedger, PostgresLedger};
 use self::workload::Workload;
 use crate::store_url::{OpenOptions, Opened, StoreUrl};
 
@@ -69,8 +71,10 @@ pub(crate) struct Args {
     /// Seed of the workload and of every fault decision (default: random; the output shows it).
     #[arg(long)]
     seed: Option<u64>,
-    /// Store of the store and transactional modes: `sqlite:PATH`, or `memory` (store mode only).
-    /// Default: a SQLite file in a temporary directory.
+    /// Store of the store and transactional modes: `sqlite:PATH`, `postgres://…`, `mysql://…`,
+    /// `redis://…` or `memory` (the last two: store mode only). PostgreSQL and MySQL runs work
+    /// in a scratch schema or tables of their own, dropped at the end. Default: a SQLite file
+    /// in a temporary directory.
     #[arg(long, value_name = "URL")]
     store: Option<StoreUrl>,
     /// Start every fault rate at 0; the rate flags given still apply.
@@ -106,7 +110,8 @@ pub(crate) struct Args {
     /// The harness's visibility timeout: an unacked delivery comes back after it.
     #[arg(long, default_value_t = 500)]
     visibility_timeout_ms: u64,
-    /// How long a slow handler takes [default: twice the visibility timeout].
+    /// How long a slow handler takes [default: twice the visibility timeout or twice the
+    /// lease, whichever is longer: only the heartbeat keeps its claim].
     #[arg(long)]
     slow_ms: Option<u64>,
     /// How long a paused consumer freezes [default: the lease plus three visibility timeouts].
@@ -183,9 +188,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let lease = Duration::from_millis(args.lease_ms);
     let visibility_timeout = Duration::from_millis(args.visibility_timeout_ms);
     let stalls = Stalls {
-        slow: args
-            .slow_ms
-            .map_or(visibility_timeout * 2, Duration::from_millis),
+        // Past the lease too, so that only the heartbeat keeps the claim.
+        slow: args.slow_ms.map_or(
+            (visibility_timeout * 2).max(lease * 2),
+            Duration::from_millis,
+        ),
         pause: args
             .pause_ms
             .map_or(lease + visibility_timeout * 3, Duration::from_millis),
@@ -199,7 +206,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         "--pause-ms must exceed --lease-ms + --visibility-timeout-ms, or no one can take over \
          from a paused consumer"
     );
-    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    // Below 2^53, so that JSON readers that hold numbers as doubles print it back exactly.
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..1 << 53));
     quiet_simulated_crashes();
 
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
@@ -207,6 +215,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .store
         .clone()
         .unwrap_or_else(|| StoreUrl::Sqlite(tmp.path().join("verify.db")));
+    let run_id = format!("{:012x}", fastrand::u64(..) >> 16);
     let common = Common {
         workload: Arc::new(Workload::generate(seed, args.messages, args.accounts)),
         plan: FaultPlan::new(seed, args.rates()),
@@ -217,28 +226,37 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         stalls,
         timeout: Duration::from_secs(args.timeout_s),
         sabotage: args.sabotage,
-        run_id: format!("{:012x}", fastrand::u64(..) >> 16),
+        run_id,
     };
 
-    let opened = url.open(OpenOptions::default()).await?;
-    let transactional = match &opened {
-        Opened::Sqlite(s) => Some(SqliteLedger::new(
-            s.clone(),
-            &common.run_id,
-            Config::default()
-                .max_attempts(0)
-                .name("verify-transactional"),
-        )?),
-        _ => None,
+    let (opened, transactional) = open(&url, &common.run_id).await?;
+    let runs = async {
+        let mut runs = vec![run_naive(&common).await];
+        runs.push(with_store!(opened.clone(), store => run_store(store, &common).await?));
+        if let Some(ledger) = transactional {
+            runs.push(match ledger {
+                Ledger::Sqlite(l) => run_transactional(l, &common).await?,
+                Ledger::Postgres(l) => run_transactional(l, &common).await?,
+                Ledger::Mysql(l) => run_transactional(l, &common).await?,
+            });
+        }
+        anyhow::Ok(runs)
+    }
+    .await;
+    // Scratch tables on a SQL server go, whatever happened.
+    let cleanup = match (&url, &opened) {
+        (StoreUrl::Postgres(u), _) => sql::drop_postgres_scratch(u, &common.run_id).await,
+        (_, Opened::Mysql(store)) => sql::drop_mysql_scratch(store, &common.run_id).await,
+        _ => Ok(()),
     };
-    let mut runs = vec![run_naive(&common).await];
-    runs.push(with_store!(opened, store => run_store(store, &common).await?));
+    let runs = runs?;
+    cleanup?;
     let mut skipped = Vec::new();
-    match transactional {
-        Some(ledger) => runs.push(run_transactional(ledger, &common).await?),
-        None => skipped.push(format!(
-            "transactional: the {url} store has no transactional mode"
-        )),
+    if runs.len() < 3 {
+        skipped.push(format!(
+            "transactional: the {url} store has no transactional mode (SQLite, PostgreSQL and \
+             MySQL have one)"
+        ));
     }
 
     let checks: Vec<_> = runs.iter().map(check).collect();
@@ -263,6 +281,49 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// The transactional ledger of a store that has a transactional mode.
+enum Ledger {
+    Sqlite(SqliteLedger),
+    Postgres(PostgresLedger),
+    Mysql(MysqlLedger),
+}
+
+/// Opens the store of the store and transactional modes. PostgreSQL and MySQL get a scratch
+/// schema or tables of the run's own (created here, dropped by the caller).
+async fn open(url: &StoreUrl, run_id: &str) -> anyhow::Result<(Opened, Option<Ledger>)> {
+    let config = Config::default()
+        .max_attempts(0)
+        .name("verify-transactional");
+    Ok(match url {
+        StoreUrl::Postgres(u) => {
+            let store = sql::postgres_scratch(u, run_id)
+                .await
+                .with_context(|| format!("opening {url}"))?;
+            let ledger = PostgresLedger::new(store.clone(), run_id, config);
+            (Opened::Postgres(store), Some(Ledger::Postgres(ledger)))
+        }
+        StoreUrl::Mysql(u) => {
+            let store = sql::mysql_scratch(u, run_id)
+                .await
+                .with_context(|| format!("opening {url}"))?;
+            let ledger = MysqlLedger::new(store.clone(), run_id, config);
+            (Opened::Mysql(store), Some(Ledger::Mysql(ledger)))
+        }
+        _ => {
+            let opened = url.open(OpenOptions::default()).await?;
+            let ledger = match &opened {
+                Opened::Sqlite(s) => Some(Ledger::Sqlite(SqliteLedger::new(
+                    s.clone(),
+                    run_id,
+                    config,
+                )?)),
+                _ => None,
+            };
+            (opened, ledger)
+        }
     })
 }
 
