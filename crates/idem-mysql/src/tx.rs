@@ -166,6 +166,25 @@ impl MysqlStore {
         tx: &mut Transaction<'t>,
         items: &[(Key, Fingerprint)],
         config: &Config,
+        handler: F,
+    ) -> Result<Vec<Outcome<T, E>>, Error>
+    where
+        T: Stored + Send,
+        E: fmt::Display + Send,
+        F: for<'a> FnMut(usize, &'a mut Transaction<'t>) -> TxFuture<'a, T, E>,
+    {
+        let outcomes = self.batch(tx, items, config, handler).await?;
+        for outcome in &outcomes {
+            idem::metrics::record_outcome(&config.name, outcome, false);
+        }
+        Ok(outcomes)
+    }
+
+    async fn batch<'t, T, E, F>(
+        &self,
+        tx: &mut Transaction<'t>,
+        items: &[(Key, Fingerprint)],
+        config: &Config,
         mut handler: F,
     ) -> Result<Vec<Outcome<T, E>>, Error>
     where

@@ -71,22 +71,25 @@ where
         .into());
     }
     let st = table.sql();
-    let lease = match tx::begin(&mut Sx(conn), st, key, fingerprint, config).await? {
-        Step::Done(outcome) => return Ok(outcome),
-        Step::Run(lease) => lease,
+    let outcome = match tx::begin(&mut Sx(conn), st, key, fingerprint, config).await? {
+        Step::Done(outcome) => outcome,
+        Step::Run(lease) => {
+            Sx(conn).simple(tx::SAVEPOINT).await?;
+            let result = handler(conn).await;
+            tx::finish(
+                &mut Sx(conn),
+                st,
+                key,
+                &lease,
+                config,
+                max_result_bytes,
+                result,
+            )
+            .await?
+        }
     };
-    Sx(conn).simple(tx::SAVEPOINT).await?;
-    let result = handler(conn).await;
-    tx::finish(
-        &mut Sx(conn),
-        st,
-        key,
-        &lease,
-        config,
-        max_result_bytes,
-        result,
-    )
-    .await
+    tx::count(config, std::slice::from_ref(&outcome));
+    Ok(outcome)
 }
 
 /// A sqlx connection as an [`Exec`].

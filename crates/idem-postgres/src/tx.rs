@@ -130,6 +130,7 @@ where
         |tx, _, _| handler.take().map(|h| h(tx)),
     )
     .await?;
+    count(config, &outcomes);
     outcomes
         .pop()
         .ok_or_else(|| StoreError::new(StoreErrorKind::Backend, "no outcome").into())
@@ -161,7 +162,7 @@ where
     E: fmt::Display,
     F: for<'c> Fn(&'c C, usize, &'c Key) -> BoxFuture<'c, Result<T, E>>,
 {
-    batch(
+    let outcomes = batch(
         tx,
         table.sql(),
         items,
@@ -169,7 +170,16 @@ where
         max_result_bytes,
         |tx, i, key| Some(handler(tx, i, key)),
     )
-    .await
+    .await?;
+    count(config, &outcomes);
+    Ok(outcomes)
+}
+
+/// Counts outcomes with the executor's metrics (labelled with the config's name).
+pub(crate) fn count<T, E>(config: &Config, outcomes: &[Outcome<T, E>]) {
+    for outcome in outcomes {
+        idem::metrics::record_outcome(&config.name, outcome, false);
+    }
 }
 
 /// The fast path and its fallback, for one or many items; `handler` returns `None` if it
@@ -672,8 +682,9 @@ impl PostgresStore {
             &mut handler,
         )
         .await;
-        if out.is_ok() {
+        if let Ok(outcomes) = &out {
             client.keep();
+            count(config, outcomes);
         }
         out
     }

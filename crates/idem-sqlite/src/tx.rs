@@ -10,8 +10,8 @@ use std::fmt;
 
 use idem::transition::{self, Change};
 use idem::{
-    Claim, ClaimRequest, Clock, Completion, Config, Error, Fingerprint, Key, Outcome, Record,
-    StoreError, StoreErrorKind, Stored, SystemClock, Timestamp,
+    Acquisition, Claim, ClaimRequest, Clock, Completion, Config, Error, Fingerprint, Key, Outcome,
+    Record, StoreError, StoreErrorKind, Stored, SystemClock, Timestamp,
 };
 use rusqlite::Connection;
 
@@ -110,6 +110,39 @@ where
     E: fmt::Display,
     F: FnOnce(&Connection) -> Result<T, E>,
 {
+    let mut reprocessed = false;
+    let out = decide(
+        conn,
+        key,
+        fingerprint,
+        config,
+        max_result_bytes,
+        now,
+        &mut reprocessed,
+        handler,
+    );
+    if let Ok(outcome) = &out {
+        idem::metrics::record_outcome(&config.name, outcome, reprocessed);
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide<T, E, F>(
+    conn: &Connection,
+    key: &Key,
+    fingerprint: Fingerprint,
+    config: &Config,
+    max_result_bytes: usize,
+    now: Timestamp,
+    reprocessed: &mut bool,
+    handler: F,
+) -> Result<Outcome<T, E>, Error>
+where
+    T: Stored,
+    E: fmt::Display,
+    F: FnOnce(&Connection) -> Result<T, E>,
+{
     let req = ClaimRequest::new(key.clone(), fingerprint)
         .lease(config.lease)
         .retention(config.retention)
@@ -118,7 +151,10 @@ where
     let mut slot = ops::load(conn, key)?;
     let (claim, change) = transition::claim(&mut slot, &req, now);
     let lease = match claim {
-        Claim::Acquired(lease) => lease,
+        Claim::Acquired(lease) => {
+            *reprocessed = lease.acquisition == Acquisition::Reprocess;
+            lease
+        }
         Claim::Completed { result } => return Ok(Outcome::Replayed(T::decode(result)?)),
         Claim::InProgress { retry_after } => return Ok(Outcome::InProgress { retry_after }),
         Claim::Mismatch { stored } => {

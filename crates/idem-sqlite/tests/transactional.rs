@@ -208,3 +208,75 @@ fn opening_a_missing_directory_names_the_path() {
         "{err}"
     );
 }
+
+/// Transactional mode keeps the executor's counters, under the config's name; a key processed
+/// again after its retention counts as reprocessed (contract scenario 6).
+#[test]
+fn transactional_outcomes_are_counted() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = rusqlite::Connection::open(dir.path().join("app.db")).unwrap();
+    idem_sqlite::create_schema(&conn).unwrap();
+    let config = Config::default()
+        .name("ledger")
+        .retention(std::time::Duration::from_millis(20));
+    let mut run = |payload: &[u8]| {
+        let tx = conn.transaction().unwrap();
+        let out = metrics::with_local_recorder(&recorder, || {
+            idem_sqlite::run_in_transaction(
+                &tx,
+                &key("m"),
+                Fingerprint::of(payload),
+                &config,
+                1024,
+                |_| Ok::<_, String>(()),
+            )
+        })
+        .unwrap();
+        tx.commit().unwrap();
+        out.kind()
+    };
+    assert_eq!(run(b"p"), "executed");
+    assert_eq!(run(b"p"), "replayed");
+    assert_eq!(run(b"other"), "mismatch");
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(run(b"p"), "executed");
+
+    let counters: std::collections::HashMap<String, u64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(k, _, _, v)| match v {
+            metrics_util::debugging::DebugValue::Counter(n) => {
+                let key = k.key();
+                assert!(
+                    key.labels()
+                        .any(|l| l.key() == "executor" && l.value() == "ledger")
+                );
+                Some((key.name().to_owned(), n))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        counters.get("idem_executed_total"),
+        Some(&2),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("idem_replayed_total"),
+        Some(&1),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("idem_mismatches_total"),
+        Some(&1),
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("idem_reprocessed_total"),
+        Some(&1),
+        "{counters:?}"
+    );
+}

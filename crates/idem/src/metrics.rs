@@ -22,7 +22,8 @@ pub const MISMATCHES: &str = "idem_mismatches_total";
 pub const LEASE_LOST: &str = "idem_lease_lost_total";
 /// Claims released after a handler error (to be retried).
 pub const RELEASED: &str = "idem_released_total";
-/// Keys failed for good (attempts exhausted).
+/// Deliveries answered "exhausted": the key failed for good now or earlier (every redelivery
+/// of a failed key counts again), so the message is dead-lettered.
 pub const EXHAUSTED: &str = "idem_exhausted_total";
 /// Store operations that returned an error, by `op`.
 pub const STORE_ERRORS: &str = "idem_store_errors_total";
@@ -96,5 +97,29 @@ impl Metrics {
         if !ok {
             self.errors[op as usize].increment(1);
         }
+    }
+}
+
+/// Counts one outcome under `executor` (a [`Config`](crate::Config)'s name) with the counters
+/// the [`Executor`](crate::Executor) keeps, for code that runs the state machine without an
+/// executor: the SQL stores' transactional modes call it for every outcome they return.
+/// `reprocessed` says whether the claim found a record past its retention.
+///
+/// A handle is looked up per call (one or two per outcome), which is negligible next to the
+/// transaction the outcome comes from.
+pub fn record_outcome<T, E>(executor: &str, outcome: &crate::Outcome<T, E>, reprocessed: bool) {
+    use crate::Outcome as O;
+    let name = match outcome {
+        O::Executed(_) => EXECUTED,
+        O::Replayed(_) => REPLAYED,
+        O::InProgress { .. } => IN_PROGRESS,
+        O::Released { .. } => RELEASED,
+        O::Exhausted { .. } => EXHAUSTED,
+        O::Mismatch { .. } => MISMATCHES,
+        O::LeaseLost { .. } => LEASE_LOST,
+    };
+    metrics::counter!(name, "executor" => executor.to_owned()).increment(1);
+    if reprocessed {
+        metrics::counter!(REPROCESSED, "executor" => executor.to_owned()).increment(1);
     }
 }
