@@ -164,6 +164,10 @@ macro_rules! ms {
 /// Claims, in order of `ord`. Parameters: namespaces, ids, fingerprints, tokens, owners, lease
 /// ms, retention ms, max attempts (0: none), all arrays of one length without repeated keys.
 ///
+/// Rows are inserted and locked in key order, whatever the order of the request: two batches
+/// that share keys then wait for each other instead of deadlocking (a redelivered batch
+/// overlapping one in flight is common).
+///
 /// New keys, the common case, are inserted first (`ins`) and cost one index probe. For the
 /// rest, `snap` is the statement's snapshot; `old` locks the rows the transition rewrites and
 /// re-reads them at their latest version (READ COMMITTED re-checks the condition), so the
@@ -181,6 +185,7 @@ const CLAIM: &str = concat!(
     SELECT req.namespace, req.id, {acq_state}, req.fingerprint, req.token, req.owner,
            {acq_lease}, 1, {acq_result}, now(), now(), {acq_expires}
     FROM req
+    ORDER BY req.namespace, req.id
     ON CONFLICT (namespace, id) DO NOTHING
     RETURNING t.namespace, t.id
 ), rest AS (
@@ -194,6 +199,7 @@ const CLAIM: &str = concat!(
     SELECT req.ord, t.state, t.expires_at <= now() AS expired
     FROM rest req JOIN {table} t ON t.namespace = req.namespace AND t.id = req.id
     WHERE {rewrite}
+    ORDER BY t.namespace, t.id
     FOR UPDATE OF t
 ), upd AS (
     UPDATE {table} t SET
@@ -248,6 +254,7 @@ SELECT r.namespace, r.id, 2, r.fingerprint, r.token, r.owner, NULL, 1, '\\x'::by
 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[], $5::text[], $6::int8[],
             $7::int8[], $8::int8[])
     AS r(namespace, id, fingerprint, token, owner, lease_ms, retention_ms, max_attempts)
+ORDER BY r.namespace, r.id
 ON CONFLICT (namespace, id) DO NOTHING
 RETURNING t.id, t.token, ",
     ms!("now()")

@@ -481,3 +481,56 @@ async fn a_panicking_handler_commits_nothing_and_leaves_no_open_transaction_in_t
     );
     assert!(db.store.get(&key("p")).await.unwrap().is_none());
 }
+
+/// Two consumers claiming overlapping batches in opposite orders (a redelivered batch meeting
+/// the one in flight) must wait for each other, never deadlock: a deadlock aborts the whole
+/// transaction of one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_batches_in_opposite_orders_do_not_deadlock() {
+    let Some(db) = Db::new("deadlock").await else {
+        return;
+    };
+    let ns = idem::Namespace::new("deadlock").unwrap();
+    let config = idem::Config::default();
+    // Both claims start together, so that they meet mid-batch.
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let run = |descending: bool| {
+        let (store, ns, config) = (db.store.clone(), ns.clone(), config.clone());
+        let barrier = Arc::clone(&barrier);
+        tokio::spawn(async move {
+            let mut deadlocks = 0;
+            for round in 0..30 {
+                let mut items: Vec<_> = (0..200)
+                    .map(|i| {
+                        let key = ns.key(format!("r{round}-k{i:02}")).unwrap();
+                        (key, idem::Fingerprint::of(b"p"))
+                    })
+                    .collect();
+                if descending {
+                    items.reverse();
+                }
+                let mut client = store.pool().get().await.unwrap();
+                let tx = client.transaction().await.unwrap();
+                barrier.wait().await;
+                let out = idem_postgres::run_batch_in_transaction(
+                    &tx,
+                    store.table(),
+                    &items,
+                    &config,
+                    1024,
+                    |_, _, _| Box::pin(async { Ok::<_, String>(()) }),
+                )
+                .await;
+                match out {
+                    Ok(_) => tx.commit().await.unwrap(),
+                    Err(e) if e.to_string().contains("deadlock") => deadlocks += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            deadlocks
+        })
+    };
+    let (a, b) = (run(false), run(true));
+    let deadlocks = a.await.unwrap() + b.await.unwrap();
+    assert_eq!(deadlocks, 0, "claims of overlapping batches deadlocked");
+}
