@@ -901,6 +901,97 @@ async fn redis_stream_duplicates_keyed_by_a_json_field_run_once() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// MQTT: QoS 1 has no publish dedup; a producer retry is a second message with the same id.
+
+/// Removes the persistent sessions a test left on the broker (its own and its dead-letter one).
+async fn mqtt_forget_sessions(url: &str, client_ids: &[String]) {
+    let (host, port) = server::host_port(url).unwrap();
+    for id in client_ids {
+        let mut opts = rumqttc::v5::MqttOptions::new(id, host.as_str(), port);
+        opts.set_clean_start(true);
+        opts.set_session_expiry_interval(Some(0));
+        let (client, mut events) = rumqttc::v5::AsyncClient::new(opts, 8);
+        let connected = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::v5::Event::Incoming(
+                        rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_),
+                    )) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await;
+        if connected == Ok(true) {
+            let _ = client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_producer_retries_run_the_command_once() {
+    const N: usize = 10;
+    let Some(url) = server::url(server::MQTT) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let topic = format!("{}/orders", unique("mqtt"));
+    let client_id = unique("mqtt-client");
+    let effects = dir.path().join("effects.txt");
+    let store = sqlite(dir.path());
+    let sidecar = Sidecar::start(
+        &[
+            "--from",
+            &url,
+            "--topic",
+            &topic,
+            "--client-id",
+            &client_id,
+            "--namespace",
+            "mqtt-orders",
+            "--store",
+            &store,
+            "--shell",
+            "--exec",
+            r#"echo "$IDEM_MESSAGE_ID $(cat)" >> "$EFFECTS""#,
+        ],
+        &[("EFFECTS", &effects)],
+    );
+    let producer = idem_broker::mqtt::MqttProducer::connect(&url)
+        .await
+        .unwrap();
+    let msgs: Vec<Outgoing> = (0..N)
+        .map(|i| Outgoing::with_id(format!("m-{i}"), format!("payload-{i}").into_bytes()))
+        .collect();
+    for m in &msgs {
+        // The retry after a lost PUBACK: the same message id, a new MQTT message.
+        producer.publish(&topic, m).await.unwrap();
+        producer.publish(&topic, m).await.unwrap();
+    }
+    until(60, "an effect per message", async || {
+        lines(&effects).len() >= N
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, stats) = sidecar.stop();
+    assert!(status.success(), "idem consume exited with {status}");
+    let mut got = lines(&effects);
+    got.sort();
+    let mut expected: Vec<String> = (0..N).map(|i| format!("m-{i} payload-{i}")).collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    assert_eq!(stats["executed"], N as u64, "{stats:?}");
+    assert_eq!(stats["acked"], 2 * N as u64, "{stats:?}");
+    mqtt_forget_sessions(
+        &url,
+        &[client_id.clone(), format!("{client_id}.dead-letter")],
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. Bad arguments: clear errors, at once, no password printed.
 
 fn fails_with(args: &[&str], expected: &[&str]) {
