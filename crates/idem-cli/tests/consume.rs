@@ -358,7 +358,9 @@ async fn a_python_producer_retrying_every_publish_is_applied_once_through_idem_c
         lines(&effects).len() >= N
     })
     .await;
-    // Let the copies that met an in-progress first run come back and be replayed.
+    // Let the copies that met an in-progress first run come back and be replayed. RabbitMQ
+    // does not count the deliveries the sidecar holds for a delayed requeue, so the check
+    // after the stop accounts for any it still held.
     until(30, "the queue to drain", async || {
         ready(&url, &queue).await == 0
     })
@@ -366,6 +368,15 @@ async fn a_python_producer_retrying_every_publish_is_applied_once_through_idem_c
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (status, stats) = sidecar.stop();
     assert!(status.success(), "idem consume exited with {status}");
+    // Closing the connection gave back whatever was still held: every copy is acked or back
+    // in the queue; none lost, none acked twice.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let left = u64::from(ready(&url, &queue).await);
+    assert_eq!(
+        stats["acked"] + left,
+        2 * N as u64,
+        "{stats:?}, {left} left"
+    );
 
     let effects = lines(&effects);
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -393,13 +404,7 @@ async fn a_python_producer_retrying_every_publish_is_applied_once_through_idem_c
     }
     assert_eq!(effects.len(), N, "{effects:#?}");
     assert_eq!(stats["executed"], N as u64, "{stats:?}");
-    assert_eq!(stats["acked"], 2 * N as u64, "every copy acked: {stats:?}");
-    assert_eq!(stats["replayed"], N as u64, "{stats:?}");
-    assert_eq!(
-        ready(&url, &queue).await,
-        0,
-        "nothing went back to the queue"
-    );
+    assert_eq!(stats["replayed"], N as u64 - left, "{stats:?}");
     amqp_cleanup(&url, &queue).await;
 }
 
@@ -580,9 +585,9 @@ async fn http_endpoint_gets_each_key_once_and_a_500_is_retried() {
         }
     }
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
-    let mut info = js.get_stream(&stream).await.unwrap();
+    let mut in_stream = js.get_stream(&stream).await.unwrap();
     assert_eq!(
-        info.info().await.unwrap().state.messages,
+        in_stream.info().await.unwrap().state.messages,
         2 * N as u64,
         "both copies are in the stream"
     );
@@ -595,7 +600,14 @@ async fn http_endpoint_gets_each_key_once_and_a_500_is_retried() {
             .count()
     };
     until(60, "a 200 per key", async || successes() >= N).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Copies nacked with a delay (they met a first run in progress) come back and are replayed.
+    until(60, "the durable consumer to settle", async || {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            in_stream.get_consumer(ns).await.unwrap();
+        let i = consumer.info().await.unwrap();
+        i.num_ack_pending == 0 && i.num_pending == 0
+    })
+    .await;
     let (status, stats) = sidecar.stop();
     assert!(status.success(), "idem consume exited with {status}");
 
@@ -876,7 +888,21 @@ async fn redis_stream_duplicates_keyed_by_a_json_field_run_once() {
         lines(&effects).len() >= N
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    until(60, "the consumer group to settle", async || {
+        let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        groups
+            .groups
+            .iter()
+            .any(|g| g.name == "redis-orders" && g.pending == 0 && g.lag == Some(0))
+    })
+    .await;
     let (status, stats) = sidecar.stop();
     assert!(status.success(), "idem consume exited with {status}");
     let mut effects = lines(&effects);
@@ -890,8 +916,6 @@ async fn redis_stream_duplicates_keyed_by_a_json_field_run_once() {
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(record["result"], "stored-result\n", "{record}");
 
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("DEL")
         .arg(&stream)
         .arg(format!("{stream}:dead-letter"))

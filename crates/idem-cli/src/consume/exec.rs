@@ -161,7 +161,9 @@ impl Exec {
             }
             Err(_) => {
                 group.kill();
+                // SIGKILLs the command itself if the group kill missed it, and reaps it.
                 let _ = child.kill().await;
+                group.reaped();
                 Err(Failure(format!(
                     "`{}` timed out after {:?} and was killed",
                     self.shown, self.timeout

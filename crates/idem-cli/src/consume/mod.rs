@@ -400,7 +400,8 @@ fn init_logging() {
         .try_init();
 }
 
-/// `s` cut to at most `max` bytes on a character boundary, for reasons and logs.
+/// `bytes` as trimmed text (lossy UTF-8), cut to at most `max` bytes on a character boundary,
+/// for reasons and logs.
 pub(crate) fn excerpt(bytes: &[u8], max: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let text = text.trim();
