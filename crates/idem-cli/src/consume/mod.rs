@@ -21,7 +21,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bytes::Bytes;
 use idem::{AnyStore, Attempt, Config, Executor, Namespace};
 use idem_broker::{
@@ -375,10 +375,11 @@ impl Prepared {
              SIGTERM or ctrl-c stops",
             started.from, started.store,
         );
+        // The error's message already holds its driver's text; its source chain would repeat it.
         consumer
             .run(idem_broker::shutdown_signal())
             .await
-            .context("the consumer stopped on an error")
+            .map_err(|e| anyhow::anyhow!("the consumer stopped on an error: {e}"))
     }
 }
 
