@@ -419,8 +419,12 @@ struct Request {
     status: u16,
 }
 
-/// A minimal HTTP/1.1 endpoint: records every request and answers 500 to the first request
-/// of each key in `fail_first`, 200 with `done <key>` otherwise.
+/// How the endpoint answers a request: from its `Idempotency-Key` and whether that key was seen
+/// before, the status (200, 422 or 500).
+type Answer = Arc<dyn Fn(&str, bool) -> u16 + Send + Sync>;
+
+/// A minimal HTTP/1.1 endpoint: records every request and answers as `answer` says, with
+/// `done <key>` as the body of a 200.
 struct Endpoint {
     addr: SocketAddr,
     requests: Arc<Mutex<Vec<Request>>>,
@@ -428,7 +432,7 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    async fn start(fail_first: Vec<String>) -> Endpoint {
+    async fn start(answer: Answer) -> Endpoint {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
@@ -436,9 +440,9 @@ impl Endpoint {
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
                 let log = Arc::clone(&log);
-                let fail_first = fail_first.clone();
+                let answer = Arc::clone(&answer);
                 tokio::spawn(async move {
-                    let _ = serve(conn, &log, &fail_first).await;
+                    let _ = serve(conn, &log, &*answer).await;
                 });
             }
         });
@@ -468,7 +472,7 @@ impl Drop for Endpoint {
 async fn serve(
     mut conn: tokio::net::TcpStream,
     log: &Mutex<Vec<Request>>,
-    fail_first: &[String],
+    answer: &(dyn Fn(&str, bool) -> u16 + Send + Sync),
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
@@ -509,11 +513,7 @@ async fn serve(
             let seen = log
                 .iter()
                 .any(|r| r.headers.get("idempotency-key") == Some(&key));
-            let status = if fail_first.contains(&key) && !seen {
-                500
-            } else {
-                200
-            };
+            let status = answer(&key, seen);
             log.push(Request {
                 headers,
                 body,
@@ -521,15 +521,10 @@ async fn serve(
             });
             status
         };
-        let answer = if status == 200 {
-            format!("done {key}")
-        } else {
-            "the database is down".to_owned()
-        };
-        let reason = if status == 200 {
-            "OK"
-        } else {
-            "Internal Server Error"
+        let (reason, answer) = match status {
+            200 => ("OK", format!("done {key}")),
+            422 => ("Unprocessable Entity", "unknown customer".to_owned()),
+            _ => ("Internal Server Error", "the database is down".to_owned()),
         };
         let response = format!(
             "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{answer}",
@@ -551,7 +546,15 @@ async fn http_endpoint_gets_each_key_once_and_a_500_is_retried() {
     let ns = "http-orders";
     // r-0 and r-7 meet a 500 first: the sidecar must retry them, not ack them.
     let failing = [format!("{ns}:r-0"), format!("{ns}:r-7")];
-    let endpoint = Endpoint::start(failing.to_vec()).await;
+    let fail_first = failing.to_vec();
+    let endpoint = Endpoint::start(Arc::new(move |key: &str, seen: bool| {
+        if fail_first.iter().any(|k| k == key) && !seen {
+            500
+        } else {
+            200
+        }
+    }))
+    .await;
     let store = sqlite(dir.path());
     let sidecar = Sidecar::start(
         &[
@@ -657,6 +660,78 @@ async fn http_endpoint_gets_each_key_once_and_a_500_is_retried() {
 
     let _ = js.delete_stream(&stream).await;
     let _ = js.delete_stream(format!("{stream}_DLQ")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_is_a_failed_attempt_and_dead_lettered_with_the_status() {
+    // A 4xx must never be acked as a success (nothing was done) nor retried forever: it is a
+    // failed attempt, and after --max-attempts the message goes to the dead-letter stream with
+    // the status and the endpoint's explanation.
+    let Some(url) = server::url(server::NATS) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let stream = unique("http-4xx");
+    let subject = format!("{stream}.in");
+    let endpoint = Endpoint::start(Arc::new(|_: &str, _: bool| 422)).await;
+    let store = sqlite(dir.path());
+    let sidecar = Sidecar::start(
+        &[
+            "--from",
+            &url,
+            "--stream",
+            &stream,
+            "--subject",
+            &subject,
+            "--namespace",
+            "http-4xx",
+            "--store",
+            &store,
+            "--max-attempts",
+            "2",
+            "--http",
+            &endpoint.url(),
+        ],
+        &[],
+    );
+    let producer = NatsProducer::connect(&url).await.unwrap();
+    producer
+        .publish(&subject, &Outgoing::with_id("bad-1", &b"{}"[..]))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let dlq = format!("{stream}_DLQ");
+    until(60, "the dead letter", async || {
+        let mut s = js.get_stream(&dlq).await.unwrap();
+        s.info().await.unwrap().state.messages == 1
+    })
+    .await;
+    let (status, stats) = sidecar.stop();
+    assert!(status.success(), "idem consume exited with {status}");
+    let statuses: Vec<u16> = endpoint.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [422, 422], "two attempts, then no more");
+    assert_eq!(stats["dead_lettered"], 1, "{stats:?}");
+    assert_eq!(stats["executed"], 0, "{stats:?}");
+    let dead = js
+        .get_stream(&dlq)
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await
+        .unwrap();
+    let reason = dead
+        .headers
+        .get(idem_broker::header::DEAD_LETTER_REASON)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("attempt 2 of 2 failed")
+            && reason.contains("422 Unprocessable Entity")
+            && reason.contains("unknown customer"),
+        "{reason}"
+    );
+    let _ = js.delete_stream(&stream).await;
+    let _ = js.delete_stream(&dlq).await;
 }
 
 // ---------------------------------------------------------------------------------------------

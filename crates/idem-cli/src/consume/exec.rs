@@ -23,9 +23,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::{Failure, ResultMode};
 
-/// Environment variables the sidecar sets per message; inherited ones of these names are
-/// removed so that a message without an id never shows the sidecar's own value.
+/// Prefix of the variables holding a message's headers. Variables the sidecar sets only for
+/// some messages (this prefix and [`MESSAGE_ID`]) are removed from what commands inherit, so
+/// that a message without them never shows the sidecar's own values.
 const HEADER_PREFIX: &str = "IDEM_HEADER_";
+/// The variable holding the producer's message id.
 const MESSAGE_ID: &str = "IDEM_MESSAGE_ID";
 
 /// A command to run per key.
@@ -83,13 +85,13 @@ impl Exec {
         })
     }
 
-    /// Runs the command for one message.
+    /// Runs the command for one message. Keeps at most `limit + 1` bytes of stdout: the
+    /// executor fails the key when a result is over the store's limit, and one byte more is
+    /// enough for it to tell.
     ///
     /// # Errors
     /// A [`Failure`] when the command cannot start, exits with another status than 0, is
     /// killed, or outlives the timeout.
-    /// Keeps at most `limit + 1` bytes of stdout: the executor fails the key when a result is
-    /// over the store's limit, and one byte more is enough for it to tell.
     pub(crate) async fn run(
         &self,
         message: &Message,
@@ -148,10 +150,11 @@ impl Exec {
                 fed.map_err(|e| Failure(format!("writing the payload to `{}`: {e}", self.shown)))?;
                 let (out, total) = output
                     .map_err(|e| Failure(format!("reading the stdout of `{}`: {e}", self.shown)))?;
-                if total > out.len() as u64 {
+                if total > limit as u64 {
                     tracing::error!(
                         key = %attempt.key(),
                         bytes = total,
+                        limit,
                         "the command's stdout is over the store's result limit: the key is \
                          failed (its effect is not repeated); use --result none for commands \
                          that print more"
@@ -190,7 +193,7 @@ async fn read_bounded(
             return Ok((kept, total));
         }
         total += n as u64;
-        let room = (limit + 1).saturating_sub(kept.len());
+        let room = limit.saturating_add(1).saturating_sub(kept.len());
         kept.extend_from_slice(&buf[..n.min(room)]);
     }
 }

@@ -109,7 +109,7 @@ impl Http {
         let keep = if status.is_success() && self.result == ResultMode::None {
             0
         } else {
-            limit + 1
+            limit.saturating_add(1)
         };
         let mut body = Vec::new();
         while let Some(chunk) = response
