@@ -9,10 +9,13 @@
 //!   sidecar must stop cleanly on SIGTERM. A sidecar that ran the command per delivery would
 //!   write every line twice.
 //! - `--http`: duplicates stored twice in JetStream reach the endpoint once per key, with the
-//!   `Idempotency-Key` header; a 500 is retried, not acked.
+//!   `Idempotency-Key` header; a 500 is retried, not acked; a 4xx is neither acked as a success
+//!   nor retried forever, but dead-lettered with its status after `--max-attempts`.
 //! - a failing command is retried up to `--max-attempts` and then dead-lettered; when the
 //!   dead-letter publish is refused the message is NOT acked (it would be lost), and once the
 //!   destination exists it is dead-lettered without running the command again.
+//! - Redis Streams and MQTT: the other two adapters behind the same sidecar, with producer
+//!   retries that the broker cannot deduplicate (a new entry / a new QoS 1 message, same id).
 //! - bad arguments fail at once with an error that names the problem and never a password.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
