@@ -1,13 +1,15 @@
 //! `idem`: exactly-once effects on top of at-least-once message brokers.
 //!
 //! Commands: `verify` (the exactly-once checker with fault injection), `bench` (throughput
-//! against a same-run baseline), the operator commands `inspect`, `get`, `evict`, `purge`, and
-//! `migrate` (create or upgrade a store's schema).
+//! against a same-run baseline), the operator commands `inspect`, `get`, `evict`, `purge`,
+//! `migrate` (create or upgrade a store's schema), and `consume` (a sidecar that runs a command
+//! or POSTs to a URL once per message key, for consumers in any language).
 
 #[macro_use]
 mod store_url;
 
 mod bench;
+mod consume;
 mod migrate;
 mod operator;
 mod scratch;
@@ -50,6 +52,9 @@ enum Command {
     Purge(operator::PurgeArgs),
     /// Create or upgrade a store's schema (PostgreSQL); connecting never does it.
     Migrate(migrate::Args),
+    /// Consume a queue, subject, topic or stream and run a command or POST to a URL once per
+    /// key: exactly-once effects for consumers written in any language (a sidecar).
+    Consume(consume::Args),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
             Command::Evict(args) => operator::evict(args).await,
             Command::Purge(args) => operator::purge(args).await,
             Command::Migrate(args) => migrate::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Consume(args) => consume::run(args).await,
         }
     });
     match result {
