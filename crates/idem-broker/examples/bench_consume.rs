@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo run --release -p idem-broker --features amqp,nats --example bench_consume -- \
 //!     [--messages 20000] [--rounds 3] [--broker amqp|nats|all] [--batch 64] [--concurrency 4] \
-//!     [--stores memory,sqlite,redis]
+//!     [--stores memory,sqlite,redis] [--extras true|false]
 //! ```
 //!
 //! For each broker and round, a fresh queue (or stream) is filled with `--messages` 64-byte
@@ -13,13 +13,14 @@
 //!   sent as the message arrives without waiting for the previous acks (RabbitMQ: `basic.ack`
 //!   per delivery, up to 256 in flight at once; JetStream: AckSync as a request on the client's
 //!   shared reply inbox, as idem's adapter does it, up to 256 in flight), prefetch 256;
-//! - `raw-awaited-ack` (RabbitMQ): the usual lapin loop, each `basic.ack` awaited before the
-//!   next delivery is taken;
-//! - `raw-double-ack` (JetStream): async-nats's `double_ack`, which subscribes a new inbox for
-//!   every ack;
-//! - `raw-multiple-ack` (RabbitMQ): one `basic.ack(multiple = true)` per 64 deliveries;
-//!   `raw-async-ack` (JetStream): plain `+ACK`s, not waiting for the server. These are the
-//!   cheapest hand-written consumers, with weaker guarantees (a lost `+ACK` is not noticed);
+//! - extra baselines (skipped with `--extras false`, for profiles):
+//!   - `raw-awaited-ack` (RabbitMQ): the usual lapin loop, each `basic.ack` awaited before the
+//!     next delivery is taken;
+//!   - `raw-double-ack` (JetStream): async-nats's `double_ack`, which subscribes a new inbox for
+//!     every ack;
+//!   - `raw-multiple-ack` (RabbitMQ): one `basic.ack(multiple = true)` per 64 deliveries;
+//!     `raw-async-ack` (JetStream): plain `+ACK`s, not waiting for the server. These are the
+//!     cheapest hand-written consumers, with weaker guarantees (a lost `+ACK` is not noticed);
 //! - `idem-memory` / `idem-sqlite` / `idem-redis`: [`Consumer`] with a no-op handler over
 //!   `MemoryStore` / a SQLite file in a temporary directory (`synchronous=NORMAL`) / the Redis
 //!   store (`IDEM_REDIS_URL`, default `redis://127.0.0.1:6379`, keys under a prefix of the
@@ -27,6 +28,9 @@
 //!   batches in flight, the same prefetch.
 //!
 //! The clock starts once connected (the queue full) and stops when the last message is acked.
+//! To profile one mode's drain only (system-wide, the broker included):
+//! `mkfifo /tmp/ctl; PERF_CTL_FIFO=/tmp/ctl IDEM_BENCH_PROFILE=idem perf record -a -g -D -1
+//! --control fifo:/tmp/ctl -- bench_consume --broker nats --stores sqlite --extras false`.
 //! `ratio` is msgs/s over the same round's `raw` msgs/s. To measure another store, build a
 //! [`Consumer`] with it in `idem_run` (any `idem::Store` plugs in).
 
@@ -66,6 +70,7 @@ struct Args {
     batch: usize,
     concurrency: usize,
     stores: Vec<String>,
+    extras: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -76,6 +81,7 @@ fn args() -> anyhow::Result<Args> {
         batch: 64,
         concurrency: 4,
         stores: vec!["memory".into(), "sqlite".into(), "redis".into()],
+        extras: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -86,6 +92,7 @@ fn args() -> anyhow::Result<Args> {
             "--batch" => args.batch = value.parse()?,
             "--concurrency" => args.concurrency = value.parse()?,
             "--stores" => args.stores = value.split(',').map(str::to_owned).collect(),
+            "--extras" => args.extras = value.parse()?,
             "--broker" => {
                 args.brokers = match value.as_str() {
                     "amqp" | "rabbitmq" => vec![Broker::Amqp],
@@ -159,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
                     (RawAcks::Cheapest, "raw-async-ack"),
                 ],
             };
-            for (acks, mode) in extra {
+            for (acks, mode) in extra.into_iter().filter(|_| args.extras) {
                 let target = fill(broker, url, &format!("{name}-rawx"), n).await?;
                 let elapsed = raw(broker, url, &target, n, acks).await?;
                 cleanup(broker, url, &target).await;
@@ -193,6 +200,30 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// With `PERF_CTL_FIFO` (a `perf record --control fifo:...` FIFO) and `IDEM_BENCH_PROFILE`
+/// (`raw` or `idem`), `perf` records only while that mode drains. Returns the start instant.
+fn profile(main_raw_or_idem: bool, mode: &str) -> Instant {
+    if main_raw_or_idem && std::env::var("IDEM_BENCH_PROFILE").is_ok_and(|m| m == mode) {
+        perf_ctl("enable");
+    }
+    Instant::now()
+}
+
+fn profile_end() {
+    if std::env::var("IDEM_BENCH_PROFILE").is_ok() {
+        perf_ctl("disable");
+    }
+}
+
+fn perf_ctl(command: &str) {
+    use std::io::Write;
+    if let Ok(path) = std::env::var("PERF_CTL_FIFO")
+        && let Ok(mut fifo) = std::fs::OpenOptions::new().write(true).open(path)
+    {
+        let _ = writeln!(fifo, "{command}");
+    }
 }
 
 /// Deletes the Redis store's records of a round.
@@ -353,7 +384,7 @@ async fn raw(
                     Default::default(),
                 )
                 .await?;
-            let start = Instant::now();
+            let start = profile(acks == RawAcks::Pipelined, "raw");
             let mut acked = 0;
             let mut unacked = Vec::new();
             if acks == RawAcks::Pipelined {
@@ -393,6 +424,7 @@ async fn raw(
                 }
             }
             let elapsed = start.elapsed();
+            profile_end();
             let _ = conn.close(200, "done".into()).await;
             Ok(elapsed)
         }
@@ -409,7 +441,7 @@ async fn raw(
                 .max_messages_per_batch(usize::from(PREFETCH))
                 .messages()
                 .await?;
-            let start = Instant::now();
+            let start = profile(acks == RawAcks::Pipelined, "raw");
             // AckSync like idem's adapter; acks in flight concurrently, as many as the prefetch.
             let mut pending = futures_util::stream::FuturesUnordered::new();
             let mut acked = 0;
@@ -445,7 +477,9 @@ async fn raw(
                     }
                 }
             }
-            Ok(start.elapsed())
+            let elapsed = start.elapsed();
+            profile_end();
+            Ok(elapsed)
         }
     }
 }
@@ -490,7 +524,7 @@ async fn drain<Src: Source, S: Store, H: idem_broker::Handler>(
         .batch_size(args.batch)
         .concurrency(args.concurrency);
     let stats: Arc<idem_broker::Stats> = consumer.stats();
-    let start = Instant::now();
+    let start = profile(true, "idem");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(consumer.run(async {
         let _ = stopped.await;
@@ -500,6 +534,7 @@ async fn drain<Src: Source, S: Store, H: idem_broker::Handler>(
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
     let elapsed = start.elapsed();
+    profile_end();
     let _ = stop.send(());
     let snap = run.await??;
     anyhow::ensure!(
