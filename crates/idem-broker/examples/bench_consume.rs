@@ -3,24 +3,34 @@
 //!
 //! ```sh
 //! cargo run --release -p idem-broker --features amqp,nats --example bench_consume -- \
-//!     [--messages 20000] [--rounds 3] [--broker amqp|nats|all] [--batch 64] [--concurrency 4]
+//!     [--messages 20000] [--rounds 3] [--broker amqp|nats|all] [--batch 64] [--concurrency 4] \
+//!     [--stores memory,sqlite,redis] [--extras true|false]
 //! ```
 //!
 //! For each broker and round, a fresh queue (or stream) is filled with `--messages` 64-byte
 //! messages with distinct message ids (publishing is not timed), then drained by:
-//! - `raw`: the broker's client with manual acks, one ack per message as it arrives (RabbitMQ:
-//!   `basic.ack` awaited; JetStream: AckSync as a request on the client's shared reply inbox,
-//!   as idem's adapter does it, up to 256 in flight), prefetch 256;
-//! - `raw-double-ack` (JetStream): async-nats's `double_ack`, which subscribes a new inbox for
-//!   every ack;
-//! - `raw-multiple-ack` (RabbitMQ): one `basic.ack(multiple = true)` per 64 deliveries;
-//!   `raw-async-ack` (JetStream): plain `+ACK`s, not waiting for the server. These are the
-//!   cheapest hand-written consumers, with weaker guarantees (a lost `+ACK` is not noticed);
-//! - `idem-memory` / `idem-sqlite`: [`Consumer`] with a no-op handler over `MemoryStore` / a
-//!   SQLite file in a temporary directory (`synchronous=NORMAL`), `--batch` (64) deliveries per
-//!   batch, `--concurrency` (4) batches in flight, the same prefetch.
+//! - `raw` (the baseline of `ratio`): the broker's client with manual acks, one ack per message,
+//!   sent as the message arrives without waiting for the previous acks (RabbitMQ: `basic.ack`
+//!   per delivery, up to 256 in flight at once; JetStream: AckSync as a request on the client's
+//!   shared reply inbox, as idem's adapter does it, up to 256 in flight), prefetch 256;
+//! - extra baselines (skipped with `--extras false`, for profiles):
+//!   - `raw-awaited-ack` (RabbitMQ): the usual lapin loop, each `basic.ack` awaited before the
+//!     next delivery is taken;
+//!   - `raw-double-ack` (JetStream): async-nats's `double_ack`, which subscribes a new inbox for
+//!     every ack;
+//!   - `raw-multiple-ack` (RabbitMQ): one `basic.ack(multiple = true)` per 64 deliveries;
+//!     `raw-async-ack` (JetStream): plain `+ACK`s, not waiting for the server. These are the
+//!     cheapest hand-written consumers, with weaker guarantees (a lost `+ACK` is not noticed);
+//! - `idem-memory` / `idem-sqlite` / `idem-redis`: [`Consumer`] with a no-op handler over
+//!   `MemoryStore` / a SQLite file in a temporary directory (`synchronous=NORMAL`) / the Redis
+//!   store (`IDEM_REDIS_URL`, default `redis://127.0.0.1:6379`, keys under a prefix of the
+//!   round, deleted afterwards), `--batch` (64) deliveries per batch, `--concurrency` (4)
+//!   batches in flight, the same prefetch.
 //!
 //! The clock starts once connected (the queue full) and stops when the last message is acked.
+//! To profile one mode's drain only (system-wide, the broker included):
+//! `mkfifo /tmp/ctl; PERF_CTL_FIFO=/tmp/ctl IDEM_BENCH_PROFILE=idem perf record -a -g -D -1
+//! --control fifo:/tmp/ctl -- bench_consume --broker nats --stores sqlite --extras false`.
 //! `ratio` is msgs/s over the same round's `raw` msgs/s. To measure another store, build a
 //! [`Consumer`] with it in `idem_run` (any `idem::Store` plugs in).
 
@@ -32,6 +42,7 @@ use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
 use idem::{Attempt, Executor, MemoryStore, Namespace, Store};
 use idem_broker::{Consumer, Message, Source};
+use idem_redis::RedisStore;
 use idem_sqlite::SqliteStore;
 
 const PAYLOAD: &[u8] = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -58,6 +69,8 @@ struct Args {
     brokers: Vec<Broker>,
     batch: usize,
     concurrency: usize,
+    stores: Vec<String>,
+    extras: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -67,6 +80,8 @@ fn args() -> anyhow::Result<Args> {
         brokers: vec![Broker::Amqp, Broker::Nats],
         batch: 64,
         concurrency: 4,
+        stores: vec!["memory".into(), "sqlite".into(), "redis".into()],
+        extras: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,6 +91,8 @@ fn args() -> anyhow::Result<Args> {
             "--rounds" => args.rounds = value.parse()?,
             "--batch" => args.batch = value.parse()?,
             "--concurrency" => args.concurrency = value.parse()?,
+            "--stores" => args.stores = value.split(',').map(str::to_owned).collect(),
+            "--extras" => args.extras = value.parse()?,
             "--broker" => {
                 args.brokers = match value.as_str() {
                     "amqp" | "rabbitmq" => vec![Broker::Amqp],
@@ -119,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
     let nats =
         std::env::var("IDEM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+    let redis =
+        std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     for round in 1..=args.rounds {
         for &broker in &args.brokers {
             let url = match broker {
@@ -133,43 +152,104 @@ async fn main() -> anyhow::Result<()> {
             );
             let raw_rate = {
                 let target = fill(broker, url, &format!("{name}-raw"), n).await?;
-                let elapsed = raw(broker, url, &target, n, RawAcks::OneByOne).await?;
+                let elapsed = raw(broker, url, &target, n, RawAcks::Pipelined).await?;
                 cleanup(broker, url, &target).await;
                 print(broker, round, "raw", n, elapsed, None)
             };
-            {
-                let target = fill(broker, url, &format!("{name}-rawb"), n).await?;
-                let elapsed = raw(broker, url, &target, n, RawAcks::Cheapest).await?;
+            let extra = match broker {
+                Broker::Amqp => [
+                    (RawAcks::Awaited, "raw-awaited-ack"),
+                    (RawAcks::Cheapest, "raw-multiple-ack"),
+                ],
+                Broker::Nats => [
+                    (RawAcks::DoubleAck, "raw-double-ack"),
+                    (RawAcks::Cheapest, "raw-async-ack"),
+                ],
+            };
+            for (acks, mode) in extra.into_iter().filter(|_| args.extras) {
+                let target = fill(broker, url, &format!("{name}-rawx"), n).await?;
+                let elapsed = raw(broker, url, &target, n, acks).await?;
                 cleanup(broker, url, &target).await;
-                let mode = match broker {
-                    Broker::Amqp => "raw-multiple-ack",
-                    Broker::Nats => "raw-async-ack",
-                };
                 print(broker, round, mode, n, elapsed, Some(raw_rate));
             }
-            if let Broker::Nats = broker {
-                let target = fill(broker, url, &format!("{name}-rawd"), n).await?;
-                let elapsed = raw(broker, url, &target, n, RawAcks::DoubleAck).await?;
+            for store in &args.stores {
+                let target = fill(broker, url, &format!("{name}-{store}"), n).await?;
+                let elapsed = match store.as_str() {
+                    "memory" => idem_run(broker, url, &target, &args, MemoryStore::new()).await?,
+                    "sqlite" => {
+                        let dir = tempfile::tempdir()?;
+                        let store = SqliteStore::open(dir.path().join("bench.db"))?;
+                        idem_run(broker, url, &target, &args, store).await?
+                    }
+                    "redis" => {
+                        let prefix = format!("{name}:");
+                        let store = RedisStore::builder(redis.as_str())
+                            .prefix(prefix.as_str())
+                            .connect()
+                            .await?;
+                        let elapsed = idem_run(broker, url, &target, &args, store.clone()).await;
+                        delete_prefix(&store, &prefix).await?;
+                        elapsed?
+                    }
+                    other => anyhow::bail!("unknown store {other} (memory, sqlite, redis)"),
+                };
                 cleanup(broker, url, &target).await;
-                print(broker, round, "raw-double-ack", n, elapsed, Some(raw_rate));
-            }
-            {
-                let target = fill(broker, url, &format!("{name}-mem"), n).await?;
-                let elapsed = idem_run(broker, url, &target, &args, MemoryStore::new()).await?;
-                cleanup(broker, url, &target).await;
-                print(broker, round, "idem-memory", n, elapsed, Some(raw_rate));
-            }
-            {
-                let dir = tempfile::tempdir()?;
-                let store = SqliteStore::open(dir.path().join("bench.db"))?;
-                let target = fill(broker, url, &format!("{name}-sql"), n).await?;
-                let elapsed = idem_run(broker, url, &target, &args, store).await?;
-                cleanup(broker, url, &target).await;
-                print(broker, round, "idem-sqlite", n, elapsed, Some(raw_rate));
+                let mode = format!("idem-{store}");
+                print(broker, round, &mode, n, elapsed, Some(raw_rate));
             }
         }
     }
     Ok(())
+}
+
+/// With `PERF_CTL_FIFO` (a `perf record --control fifo:...` FIFO) and `IDEM_BENCH_PROFILE`
+/// (`raw` or `idem`), `perf` records only while that mode drains. Returns the start instant.
+fn profile(main_raw_or_idem: bool, mode: &str) -> Instant {
+    if main_raw_or_idem && std::env::var("IDEM_BENCH_PROFILE").is_ok_and(|m| m == mode) {
+        perf_ctl("enable");
+    }
+    Instant::now()
+}
+
+fn profile_end() {
+    if std::env::var("IDEM_BENCH_PROFILE").is_ok() {
+        perf_ctl("disable");
+    }
+}
+
+fn perf_ctl(command: &str) {
+    use std::io::Write;
+    if let Ok(path) = std::env::var("PERF_CTL_FIFO")
+        && let Ok(mut fifo) = std::fs::OpenOptions::new().write(true).open(path)
+    {
+        let _ = writeln!(fifo, "{command}");
+    }
+}
+
+/// Deletes the Redis store's records of a round.
+async fn delete_prefix(store: &RedisStore, prefix: &str) -> anyhow::Result<()> {
+    let mut conn = store.connection();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = idem_redis::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = idem_redis::redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
 }
 
 /// Fills a new queue or stream with `n` messages; returns its name.
@@ -268,8 +348,11 @@ async fn cleanup(broker: Broker, url: &str, target: &str) {
 /// How the raw consumer acks.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RawAcks {
-    /// One confirmed ack per message: `basic.ack` awaited, JetStream AckSync (like idem).
-    OneByOne,
+    /// One ack per message, sent as the message arrives without waiting for earlier ones (up to
+    /// the prefetch in flight): RabbitMQ `basic.ack`, JetStream AckSync (like idem).
+    Pipelined,
+    /// RabbitMQ only: each `basic.ack` awaited before the next delivery is taken.
+    Awaited,
     /// JetStream only: async-nats's own AckSync, `double_ack`, which subscribes a new inbox for
     /// every ack.
     DoubleAck,
@@ -301,12 +384,32 @@ async fn raw(
                     Default::default(),
                 )
                 .await?;
-            let start = Instant::now();
+            let start = profile(acks == RawAcks::Pipelined, "raw");
             let mut acked = 0;
             let mut unacked = Vec::new();
+            if acks == RawAcks::Pipelined {
+                // One `basic.ack` per delivery, each sent as its delivery arrives; the frames
+                // are written while the next deliveries are taken.
+                let mut pending = futures_util::stream::FuturesUnordered::new();
+                while acked < n {
+                    tokio::select! {
+                        Some(r) = pending.next(), if !pending.is_empty() => {
+                            let r: Result<(), lapin::Error> = r;
+                            r?;
+                            acked += 1;
+                        }
+                        d = consumer.next(), if pending.len() < usize::from(PREFETCH) => {
+                            let d = d.context("consumer ended")??;
+                            pending.push(async move {
+                                d.acker.ack(BasicAckOptions::default()).await.map(drop)
+                            });
+                        }
+                    }
+                }
+            }
             while acked < n {
                 let d = consumer.next().await.context("consumer ended")??;
-                if acks != RawAcks::Cheapest {
+                if acks == RawAcks::Awaited {
                     d.acker.ack(BasicAckOptions::default()).await?;
                     acked += 1;
                     continue;
@@ -321,6 +424,7 @@ async fn raw(
                 }
             }
             let elapsed = start.elapsed();
+            profile_end();
             let _ = conn.close(200, "done".into()).await;
             Ok(elapsed)
         }
@@ -337,7 +441,7 @@ async fn raw(
                 .max_messages_per_batch(usize::from(PREFETCH))
                 .messages()
                 .await?;
-            let start = Instant::now();
+            let start = profile(acks == RawAcks::Pipelined, "raw");
             // AckSync like idem's adapter; acks in flight concurrently, as many as the prefetch.
             let mut pending = futures_util::stream::FuturesUnordered::new();
             let mut acked = 0;
@@ -353,7 +457,7 @@ async fn raw(
                         match acks {
                             // AckSync as idem's adapter does it: a request on the shared reply
                             // inbox (`double_ack` subscribes a new inbox per ack, and is slower).
-                            RawAcks::OneByOne => {
+                            RawAcks::Pipelined | RawAcks::Awaited => {
                                 let client = client.clone();
                                 let reply = m.reply.clone().context("no reply subject")?;
                                 pending.push(
@@ -373,7 +477,9 @@ async fn raw(
                     }
                 }
             }
-            Ok(start.elapsed())
+            let elapsed = start.elapsed();
+            profile_end();
+            Ok(elapsed)
         }
     }
 }
@@ -418,7 +524,7 @@ async fn drain<Src: Source, S: Store, H: idem_broker::Handler>(
         .batch_size(args.batch)
         .concurrency(args.concurrency);
     let stats: Arc<idem_broker::Stats> = consumer.stats();
-    let start = Instant::now();
+    let start = profile(true, "idem");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(consumer.run(async {
         let _ = stopped.await;
@@ -428,6 +534,7 @@ async fn drain<Src: Source, S: Store, H: idem_broker::Handler>(
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
     let elapsed = start.elapsed();
+    profile_end();
     let _ = stop.send(());
     let snap = run.await??;
     anyhow::ensure!(

@@ -10,9 +10,11 @@
 //! | no key / no fingerprint, mismatch, attempts exhausted | dead-letter with the reason, ack once confirmed |
 //!
 //! Up to `concurrency` batches are in flight at once; the broker's prefetch bounds how many
-//! deliveries are held. Shutdown stops receiving, lets in-flight batches finish (up to a grace
-//! period) and settle, then closes the source so that anything unsettled goes back to the
-//! broker.
+//! deliveries are held. While a batch is in hand, every one of its deliveries gets the
+//! adapter's progress reports (JetStream `+WPI`, Redis `XCLAIM`), whichever round it waits
+//! for. Shutdown stops receiving, lets in-flight batches finish (up to a grace period) and
+//! settle, releases the claims of handlers it had to abandon, then closes the source so that
+//! anything unsettled goes back to the broker.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -25,7 +27,9 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::join_all;
-use idem::{Attempt, Backoff, Disposition, Executor, Fingerprint, Key, Namespace, Store, Stored};
+use idem::{
+    Attempt, Backoff, Disposition, Executor, Fingerprint, Key, Namespace, Store, Stored, Token,
+};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -101,7 +105,10 @@ pub struct Settings {
     /// Batches processed at once (default 4).
     pub concurrency: usize,
     /// How long shutdown waits for in-flight batches before abandoning them (default 30 s).
-    /// Abandoned deliveries go back to the broker; their claims expire with the lease.
+    /// Abandoned deliveries go back to the broker unsettled; the claims of their handlers are
+    /// released (fenced by their tokens, best effort within 5 s), so that the redeliveries run
+    /// at once instead of waiting out the lease. Like a crash, an abandoned handler may have
+    /// produced its effect already (store mode's window).
     pub shutdown_grace: Duration,
     /// Delay before redelivery after a store error, growing while errors last.
     pub store_backoff: Backoff,
@@ -222,6 +229,9 @@ struct Shared<S, H> {
     store_failures: AtomicU32,
     store_backoff: Backoff,
     in_progress_backoff: Backoff,
+    /// Claims of rounds whose task was aborted (shutdown past the grace) before their outcome
+    /// was known: released before the source closes.
+    abandoned: parking_lot::Mutex<Vec<(Key, Token)>>,
 }
 
 impl<Src: Source, S, H> fmt::Debug for Consumer<Src, S, H> {
@@ -303,7 +313,8 @@ where
 
     /// Runs until `shutdown` resolves (e.g. [`shutdown_signal`]), then stops taking messages,
     /// finishes or abandons what is in flight (see [`Settings::shutdown_grace`]), settles what
-    /// finished, closes the source, and returns the counters.
+    /// finished, releases the claims of abandoned handlers, closes the source, and returns the
+    /// counters.
     ///
     /// # Errors
     /// A [`BrokerError`] that retrying cannot fix (a [`Config`](crate::BrokerErrorKind::Config)
@@ -332,6 +343,7 @@ where
             store_failures: AtomicU32::new(0),
             store_backoff: settings.store_backoff,
             in_progress_backoff: settings.in_progress_backoff,
+            abandoned: parking_lot::Mutex::new(Vec::new()),
         });
         let acker = source.acker();
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
@@ -395,10 +407,13 @@ where
             tracing::warn!(
                 abandoned = tasks.len(),
                 "shutdown grace over: abandoning in-flight batches; their deliveries go back to \
-                 the broker and their claims expire with the lease"
+                 the broker and their claims are released"
             );
             tasks.abort_all();
+            // An aborted task's future is dropped before `join_next` reports it, so every
+            // round's claims are in `abandoned` once this loop ends.
             while tasks.join_next().await.is_some() {}
+            release_abandoned(&shared).await;
         }
         source.close().await;
         match fatal {
@@ -418,12 +433,20 @@ fn log_task_end(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// A delivery on its way through a batch.
-struct Item<D> {
+/// A delivery's message on its way through a batch; the delivery itself stays in the batch's
+/// list (at `idx`) so that progress reports reach it whatever round it waits for.
+struct Item {
     message: Message,
-    delivery: D,
+    idx: usize,
     key: Key,
     fingerprint: Fingerprint,
+}
+
+/// What to do with one delivery once its outcome is known.
+enum Decision {
+    Ack,
+    Nack(Duration),
+    DeadLetter(Message, String),
 }
 
 /// What to do with each delivery once the batch is decided.
@@ -434,12 +457,28 @@ struct Settlement<D> {
 }
 
 impl<D> Settlement<D> {
-    fn new() -> Self {
-        Self {
-            acks: Vec::new(),
+    fn new(
+        deliveries: Vec<D>,
+        decisions: Vec<Option<Decision>>,
+        store_delay: impl Fn() -> Duration,
+    ) -> Self {
+        let mut settle = Self {
+            acks: Vec::with_capacity(deliveries.len()),
             nacks: Vec::new(),
             dead: Vec::new(),
+        };
+        for (delivery, decision) in deliveries.into_iter().zip(decisions) {
+            match decision {
+                Some(Decision::Ack) => settle.acks.push(delivery),
+                Some(Decision::Nack(delay)) => settle.nacks.push((delivery, delay)),
+                Some(Decision::DeadLetter(message, reason)) => {
+                    settle.dead.push((delivery, message, reason));
+                }
+                // Every delivery gets a decision; should one not, it is retried, never acked.
+                None => settle.nacks.push((delivery, store_delay())),
+            }
         }
+        settle
     }
 }
 
@@ -453,56 +492,83 @@ async fn process<S, H, A>(
     H: Handler,
     A: Acker,
 {
-    let mut settle = Settlement::new();
+    let mut deliveries = Vec::with_capacity(batch.len());
+    let mut decisions: Vec<Option<Decision>> = Vec::with_capacity(batch.len());
     let mut items = Vec::with_capacity(batch.len());
-    for Incoming { message, delivery } in batch {
+    for (idx, Incoming { message, delivery }) in batch.into_iter().enumerate() {
+        deliveries.push(delivery);
+        decisions.push(None);
         let key = match shared.key.key(&shared.namespace, &message) {
             Ok(key) => key,
             Err(e) => {
                 let reason = format!("no usable key: {e}");
-                settle.dead.push((delivery, message, reason));
+                decisions[idx] = Some(Decision::DeadLetter(message, reason));
                 continue;
             }
         };
         match shared.fingerprint.fingerprint(&message) {
             Ok(fingerprint) => items.push(Item {
                 message,
-                delivery,
+                idx,
                 key,
                 fingerprint,
             }),
             Err(e) => {
                 let reason = format!("no usable fingerprint: {e}");
-                settle.dead.push((delivery, message, reason));
+                decisions[idx] = Some(Decision::DeadLetter(message, reason));
             }
         }
     }
-    // A producer retry often lands both copies in one batch. Claiming both at once would find
-    // the second "in progress" (held by the first) and delay it by a whole lease; instead later
-    // copies wait for the first's round and then meet its durable record.
-    while !items.is_empty() {
-        let mut seen = HashSet::with_capacity(items.len());
-        let (round, later): (Vec<_>, Vec<_>) = items
-            .into_iter()
-            .partition(|it| seen.insert(it.key.clone()));
-        items = later;
-        run_round(shared, acker, round, &mut settle).await;
-    }
+    // Every delivery of the batch stays unacked until the last round is decided (acks go out
+    // together), so progress covers them all: those of the round running, those deferred to a
+    // later round, and those decided and waiting for the batch's settlement.
+    let held: Vec<&A::Delivery> = deliveries.iter().collect();
+    let rounds = async {
+        // A producer retry often lands both copies in one batch. Claiming both at once would
+        // find the second "in progress" (held by the first) and delay it by a whole lease;
+        // instead later copies wait for the first's round and then meet its durable record.
+        while !items.is_empty() {
+            let mut seen = HashSet::with_capacity(items.len());
+            let (round, later): (Vec<_>, Vec<_>) = std::mem::take(&mut items)
+                .into_iter()
+                .partition(|it| seen.insert(it.key.clone()));
+            items = later;
+            run_round(shared, round, &mut decisions).await;
+        }
+    };
+    with_progress(acker, &held, rounds).await;
+    drop(held);
     // The next batch may start while this one's acks travel: they wait on the broker, not on
     // the store or the handlers, and the broker's prefetch still bounds what is in hand.
     drop(permit);
+    let settle = Settlement::new(deliveries, decisions, || shared.store_delay());
     apply(shared, acker, settle).await;
 }
 
-async fn run_round<S, H, A>(
+/// The claims a round acquired, until the round's outcomes are known. If the round is dropped
+/// before that (its task aborted at shutdown), they are handed over for release.
+struct RoundClaims<'a> {
+    claims: parking_lot::Mutex<Vec<(Key, Token)>>,
+    abandoned: &'a parking_lot::Mutex<Vec<(Key, Token)>>,
+    decided: bool,
+}
+
+impl Drop for RoundClaims<'_> {
+    fn drop(&mut self) {
+        if !self.decided {
+            let claims = std::mem::take(self.claims.get_mut());
+            self.abandoned.lock().extend(claims);
+        }
+    }
+}
+
+async fn run_round<S, H>(
     shared: &Shared<S, H>,
-    acker: &A,
-    round: Vec<Item<A::Delivery>>,
-    settle: &mut Settlement<A::Delivery>,
+    round: Vec<Item>,
+    decisions: &mut [Option<Decision>],
 ) where
     S: Store,
     H: Handler,
-    A: Acker,
 {
     let claims = round
         .iter()
@@ -510,22 +576,35 @@ async fn run_round<S, H, A>(
         .collect();
     let messages: Vec<Message> = round.iter().map(|it| it.message.clone()).collect();
     let handler = &shared.handler;
-    let work = shared.exec.run_batch(claims, |i, attempt| {
-        let message = messages[i].clone();
-        async move {
-            match AssertUnwindSafe(handler.call(message, attempt))
-                .catch_unwind()
-                .await
-            {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(Failure::Handler(e)),
-                Err(panic) => Err(Failure::Panicked(panic_message(&*panic))),
-            }
-        }
-    });
-    let deliveries: Vec<&A::Delivery> = round.iter().map(|it| &it.delivery).collect();
-    let outcomes = with_progress(acker, &deliveries, work).await;
-    drop(deliveries);
+    let mut held = RoundClaims {
+        claims: parking_lot::Mutex::new(Vec::new()),
+        abandoned: &shared.abandoned,
+        decided: false,
+    };
+    let outcomes = {
+        let held = &held;
+        shared
+            .exec
+            .run_batch(claims, |i, attempt| {
+                held.claims
+                    .lock()
+                    .push((attempt.key().clone(), attempt.token()));
+                let message = messages[i].clone();
+                async move {
+                    match AssertUnwindSafe(handler.call(message, attempt))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(Ok(v)) => Ok(v),
+                        Ok(Err(e)) => Err(Failure::Handler(e)),
+                        Err(panic) => Err(Failure::Panicked(panic_message(&*panic))),
+                    }
+                }
+            })
+            .await
+    };
+    // Every claim of the round is now completed, released, failed, or known lost.
+    held.decided = true;
 
     let outcomes = match outcomes {
         Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
@@ -538,18 +617,19 @@ async fn run_round<S, H, A>(
     };
     let mut store_ok = true;
     for (item, outcome) in round.into_iter().zip(outcomes) {
+        let decision = &mut decisions[item.idx];
         let outcome = match outcome {
             Some(Ok(outcome)) => outcome,
             Some(Err(e)) => {
                 tracing::warn!(key = %item.key, error = %e, "store error; not acked");
                 Stats::add(&shared.stats.store_errors, 1);
                 store_ok = false;
-                settle.nacks.push((item.delivery, shared.store_delay()));
+                *decision = Some(Decision::Nack(shared.store_delay()));
                 continue;
             }
             None => {
                 store_ok = false;
-                settle.nacks.push((item.delivery, shared.store_delay()));
+                *decision = Some(Decision::Nack(shared.store_delay()));
                 continue;
             }
         };
@@ -558,8 +638,8 @@ async fn run_round<S, H, A>(
         } else if outcome.is_replayed() {
             Stats::add(&shared.stats.replayed, 1);
         }
-        match outcome.disposition() {
-            Disposition::Ack => settle.acks.push(item.delivery),
+        *decision = Some(match outcome.disposition() {
+            Disposition::Ack => Decision::Ack,
             Disposition::Retry { after } => {
                 let after = if matches!(outcome, idem::Outcome::InProgress { .. }) {
                     after.min(
@@ -571,20 +651,62 @@ async fn run_round<S, H, A>(
                     after
                 };
                 tracing::debug!(key = %item.key, outcome = outcome.kind(), ?after, "redeliver later");
-                settle.nacks.push((item.delivery, after));
+                Decision::Nack(after)
             }
             Disposition::DeadLetter { reason } => {
                 tracing::warn!(key = %item.key, %reason, "dead-lettering");
-                settle.dead.push((item.delivery, item.message, reason));
+                Decision::DeadLetter(item.message, reason)
             }
-        }
+        });
     }
     if store_ok {
         shared.store_failures.store(0, Ordering::Relaxed);
     }
 }
 
-/// Runs `work`, telling the broker every so often that its deliveries are still in hand.
+/// How long shutdown spends releasing the claims of aborted rounds.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Releases the claims of rounds aborted at shutdown (best effort, fenced by their tokens), so
+/// that the redeliveries of their messages run at once instead of waiting out the lease.
+///
+/// The handlers were dropped mid-run: like a crash, this is store mode's window (an effect may
+/// have happened). A release is fenced: a claim that was completed, or taken over, is left
+/// alone. Claims the store cannot release now expire with their lease.
+async fn release_abandoned<S: Store, H>(shared: &Shared<S, H>) {
+    let abandoned = std::mem::take(&mut *shared.abandoned.lock());
+    if abandoned.is_empty() {
+        return;
+    }
+    let store = shared.exec.store();
+    let retention = shared.exec.config().retention;
+    let releases = join_all(
+        abandoned
+            .iter()
+            .map(|(key, token)| store.release(key, *token, retention)),
+    );
+    match tokio::time::timeout(RELEASE_TIMEOUT, releases).await {
+        Ok(results) => {
+            let released = results
+                .iter()
+                .filter(|r| matches!(r, Ok(w) if w.is_applied()))
+                .count();
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            tracing::info!(
+                released,
+                failed,
+                already_settled = results.len() - released - failed,
+                "released the claims of abandoned handlers"
+            );
+        }
+        Err(_) => tracing::warn!(
+            claims = abandoned.len(),
+            "the store did not release abandoned claims in time; they expire with the lease"
+        ),
+    }
+}
+
+/// Runs `work`, telling the broker every so often that `deliveries` are still in hand.
 async fn with_progress<A: Acker, T>(
     acker: &A,
     deliveries: &[&A::Delivery],

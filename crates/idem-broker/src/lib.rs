@@ -49,8 +49,9 @@
 //! round, so they replay its result instead of waiting out a lease.
 //!
 //! **Shutdown** ([`Consumer::run`]'s future, e.g. [`shutdown_signal`]): stop receiving, finish
-//! in-flight batches within [`Settings::shutdown_grace`] and settle them, then close the source;
-//! whatever is unsettled goes back to the broker. **Connection loss**: sources reconnect with
+//! in-flight batches within [`Settings::shutdown_grace`] and settle them; past the grace, abort
+//! what is left and release its claims (fenced by token, so the redeliveries need not wait out
+//! the lease); then close the source: whatever is unsettled goes back to the broker. **Connection loss**: sources reconnect with
 //! backoff; a delivery whose ack could not be sent is redelivered and replayed from the store,
 //! so nothing is acked twice as a success or lost.
 //!

@@ -396,3 +396,197 @@ async fn a_stream_of_deliveries_survives_receive_being_dropped() {
     let _ = futures_util::stream::iter(left).collect::<Vec<_>>().await;
     cleanup(&url, &queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_channel_closed_by_an_error_is_opened_again() {
+    // The bug: the dead-letter publisher channel was opened only on (re)connect. A
+    // channel-level error closes an AMQP channel for good (here: the dead-letter exchange was
+    // deleted, so the publish meets NOT_FOUND); the consuming connection stayed fine, so it
+    // never reconnected, and every later dead letter failed and came back, forever. The channel
+    // is now checked before each dead letter, opened again, and the topology declared again.
+    let Some(url) = url() else { return };
+    let queue = unique("dlx-gone");
+    let source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
+        .await
+        .unwrap();
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_delete(format!("{queue}.dlx").as_str().into(), Default::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            Default::default(),
+            format!("no id {i}").as_bytes(),
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let producer = AmqpProducer::connect(&url).await.unwrap();
+    let good = Outgoing::new(&b"fine"[..]);
+    producer.publish("", &queue, &good).await.unwrap();
+    let ledger = Ledger::default();
+    let (stats, running) = start(Consumer::new(
+        source,
+        Executor::new(idem::MemoryStore::new()),
+        ns(),
+        ledger.handler(),
+    ));
+    until(30, "every message settled", || {
+        let s = stats.snapshot();
+        s.acked == 1 && s.dead_lettered == 3
+    })
+    .await;
+    let snap = running.stop().await;
+    // The first dead letter met the missing exchange.
+    assert!(snap.settle_errors >= 1, "{snap:?}");
+    ledger.assert_exactly_once([good.id()]);
+    let mut dead: Vec<Vec<u8>> = drain(&url, &format!("{queue}.dlq"))
+        .await
+        .into_iter()
+        .map(|m| m.delivery.data)
+        .collect();
+    dead.sort();
+    assert_eq!(dead, [&b"no id 0"[..], b"no id 1", b"no id 2"]);
+    assert!(drain(&url, &queue).await.is_empty());
+    let _ = conn.close(200, "bye".into()).await;
+    cleanup(&url, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_queues_count_redeliveries_past_two() {
+    // The bug: classic queues only flag `redelivered`, so every redelivery had a delivery count
+    // of 2 and the runtime's in-progress backoff (200 ms doubling by delivery count) never grew:
+    // a duplicate of a long handler was requeued about 2.5 times a second for a whole lease.
+    // The source now counts the redeliveries it sees of each message.
+    let Some(url) = url() else { return };
+    let queue = unique("classic-count");
+    let mut source = AmqpSource::connect(
+        &url,
+        AmqpConfig::new(&queue).queue_type(idem_broker::amqp::QueueType::Classic),
+    )
+    .await
+    .unwrap();
+    let producer = AmqpProducer::connect(&url).await.unwrap();
+    producer
+        .publish("", &queue, &Outgoing::with_id("m", &b"x"[..]))
+        .await
+        .unwrap();
+    let acker = source.acker();
+    let mut counts = Vec::new();
+    let mut last = None;
+    for _ in 0..5 {
+        let d = source.receive(10).await.unwrap().pop().unwrap();
+        counts.push(d.message.delivery_count());
+        if counts.len() < 5 {
+            acker.nack(d.delivery, Duration::ZERO).await.unwrap();
+        } else {
+            last = Some(d);
+        }
+    }
+    assert_eq!(counts, [1, 2, 3, 4, 5]);
+    acker.ack(vec![last.unwrap().delivery]).await.unwrap();
+    source.close().await;
+    assert!(drain(&url, &queue).await.is_empty());
+    cleanup(&url, &queue).await;
+}
+
+/// Whether `queue` exists with exactly `args` (a declaration with other arguments is refused).
+async fn declared_with(url: &str, queue: &str, args: lapin::types::FieldTable) -> bool {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let ok = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "bye".into()).await;
+    ok
+}
+
+fn quorum_args(dlx: Option<&str>, limit: Option<i64>) -> lapin::types::FieldTable {
+    use lapin::types::AMQPValue;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    if let Some(dlx) = dlx {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dlx.into()),
+        );
+    }
+    if let Some(limit) = limit {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+    }
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_are_declared_with_a_high_delivery_limit() {
+    // Without an explicit `x-delivery-limit`, RabbitMQ 4.x dead-letters a quorum queue's
+    // message after 20 returns, nack-requeues included: a store outage of a few minutes (idem
+    // fails closed and requeues with backoff) would dead-letter messages behind idem's back.
+    let Some(url) = url() else { return };
+    let queue = unique("limit");
+    let source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
+        .await
+        .unwrap();
+    source.close().await;
+    let limit = Some(i64::from(idem_broker::amqp::DEFAULT_DELIVERY_LIMIT));
+    let dlx = format!("{queue}.dlx");
+    assert!(declared_with(&url, &queue, quorum_args(Some(&dlx), limit)).await);
+    assert!(!declared_with(&url, &queue, quorum_args(Some(&dlx), None)).await);
+    let dlq = format!("{queue}.dlq");
+    assert!(declared_with(&url, &dlq, quorum_args(None, limit)).await);
+    cleanup(&url, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_declared_without_a_delivery_limit_are_still_consumed() {
+    // Queues declared before idem set a delivery limit cannot be changed by a declaration
+    // (RabbitMQ refuses other arguments): the source keeps them as they are, with a warning,
+    // instead of refusing to start.
+    let Some(url) = url() else { return };
+    let queue = unique("old-queue");
+    let dlx = format!("{queue}.dlx");
+    for (name, args) in [
+        (format!("{queue}.dlq"), quorum_args(None, None)),
+        (queue.clone(), quorum_args(Some(&dlx), None)),
+    ] {
+        assert!(declared_with(&url, &name, args).await);
+    }
+    let source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
+        .await
+        .unwrap();
+    let producer = AmqpProducer::connect(&url).await.unwrap();
+    let msg = Outgoing::new(&b"x"[..]);
+    producer.publish("", &queue, &msg).await.unwrap();
+    let ledger = Ledger::default();
+    let (stats, running) = start(Consumer::new(
+        source,
+        Executor::new(idem::MemoryStore::new()),
+        ns(),
+        ledger.handler(),
+    ));
+    until(30, "acked", || stats.snapshot().acked == 1).await;
+    running.stop().await;
+    ledger.assert_exactly_once([msg.id()]);
+    // Unchanged.
+    assert!(declared_with(&url, &queue, quorum_args(Some(&dlx), None)).await);
+    cleanup(&url, &queue).await;
+}

@@ -262,3 +262,87 @@ fn terminate(mut server: ServerProcess) {
         .status();
     server.wait();
 }
+
+/// Removes a session from the broker: connects as its client with a clean start and no session
+/// expiry, then disconnects (what an operator, or the session's expiry, does).
+async fn remove_session(url: &str, client_id: &str) {
+    let (host, port) = idem_conformance::server::host_port(url).unwrap();
+    let mut opts = MqttOptions::new(client_id, host, port);
+    opts.set_clean_start(true);
+    opts.set_session_expiry_interval(Some(0));
+    let (client, mut events) = AsyncClient::new(opts, 8);
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await.unwrap() {
+            break;
+        }
+    }
+    client.disconnect().await.unwrap();
+    while events.poll().await.is_ok() {}
+}
+
+/// Publishes `n` messages without a message id (MQTT 3.1.1 style) at QoS 1 and waits for every
+/// `PUBACK`.
+async fn publish_without_ids(url: &str, topic: &str, n: usize) {
+    let (host, port) = idem_conformance::server::host_port(url).unwrap();
+    let (raw, mut events) = AsyncClient::new(MqttOptions::new(unique("raw"), host, port), 64);
+    for i in 0..n {
+        raw.publish(topic, QoS::AtLeastOnce, false, format!("no id {i}"))
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < n {
+        if let Event::Incoming(Packet::PubAck(_)) = events.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_dead_letter_session_is_declared_again_and_nothing_stalls() {
+    // The bug: when the dead-letter publish failed (here: the session keeping dead letters is
+    // gone, so the broker answers "no matching subscribers"), the delivery was neither acked
+    // nor handed back. It stayed unsettled for good, holding one of Mosquitto's 20 in-flight
+    // slots of the session; after 20 such failures the broker sent the consumer nothing more.
+    // Now the session is declared again, and a delivery whose dead letter still fails comes
+    // back a second later.
+    let Some(url) = url() else { return };
+    let id = unique("dl-lost");
+    let topic = format!("{id}/orders");
+    let config = MqttConfig::new(&id, &topic);
+    let source = MqttSource::connect(&url, config.clone()).await.unwrap();
+    remove_session(&url, &config.dead_letter_client_id()).await;
+    // More poison messages than Mosquitto's in-flight window, then good ones behind them.
+    publish_without_ids(&url, &topic, 25).await;
+    let producer = MqttProducer::connect(&url).await.unwrap();
+    let good = numbered(5);
+    for m in &good {
+        producer.publish(&topic, m).await.unwrap();
+    }
+    let ledger = Ledger::default();
+    let (stats, running) = start(Consumer::new(
+        source,
+        Executor::new(MemoryStore::new()),
+        ns(),
+        ledger.handler(),
+    ));
+    until(60, "every message settled", || {
+        let s = stats.snapshot();
+        s.dead_lettered == 25 && s.acked == 5
+    })
+    .await;
+    running.stop().await;
+    ledger.assert_exactly_once(good.iter().map(Outgoing::id));
+    // A consumer restart declares the dead-letter session again: that must not take (and ack)
+    // the dead letters it keeps.
+    MqttSource::connect(&url, config.clone())
+        .await
+        .unwrap()
+        .close()
+        .await;
+    assert_eq!(dead_letters(&url, &config).await.len(), 25);
+    assert_eq!(
+        left_in_session(&url, &config, Duration::from_millis(800)).await,
+        0
+    );
+}

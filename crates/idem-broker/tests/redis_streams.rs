@@ -323,3 +323,244 @@ async fn a_redis_restart_mid_stream_loses_nothing_and_applies_once() {
     running.stop().await;
     ledger.assert_exactly_once(msgs.iter().map(Outgoing::id));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_entries_get_their_own_delivery_counts() {
+    // The bug: delivery counts of claimed entries came from one `XPENDING first last COUNT n`
+    // over the claimed ids' range; other entries pending for this consumer inside that range
+    // took up the count, and claimed entries past it were reported as delivered twice. Here
+    // entries 1, 3 and 5 are claimed back twice (count 3) while 2 and 4 stay in hand.
+    let Some(url) = url() else { return };
+    let stream = unique("counts");
+    // A long claim_idle: entries in hand are never idle enough to be claimed; a nack with no
+    // delay makes an entry claimable at once.
+    let mut c = config(&stream, "c1").claim_idle(Duration::from_secs(60));
+    c.claim_interval = Duration::from_millis(50);
+    let mut source = RedisStreamSource::connect(&url, c).await.unwrap();
+    let producer = RedisStreamProducer::connect(&url).await.unwrap();
+    for i in 1..=5 {
+        producer
+            .publish(&stream, &Outgoing::with_id(format!("m-{i}"), &b"x"[..]))
+            .await
+            .unwrap();
+    }
+    let acker = source.acker();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        got.extend(source.receive(5).await.unwrap());
+    }
+    let (odd, even): (Vec<_>, Vec<_>) = got.into_iter().partition(|d| {
+        d.message.message_id() != Some("m-2") && d.message.message_id() != Some("m-4")
+    });
+    let mut back = odd;
+    for expected in [2, 3] {
+        for d in back {
+            acker.nack(d.delivery, Duration::ZERO).await.unwrap();
+        }
+        back = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while back.len() < 3 {
+            assert!(Instant::now() < deadline, "claimed only {}", back.len());
+            back.extend(source.receive(5).await.unwrap());
+        }
+        let counts: Vec<(String, u32)> = back
+            .iter()
+            .map(|d| {
+                (
+                    d.message.message_id().unwrap().to_owned(),
+                    d.message.delivery_count(),
+                )
+            })
+            .collect();
+        assert!(
+            counts.iter().all(|(_, n)| *n == expected),
+            "expected {expected} for each: {counts:?}"
+        );
+    }
+    acker
+        .ack(back.into_iter().chain(even).map(|d| d.delivery).collect())
+        .await
+        .unwrap();
+    assert_eq!(pending(&url, &stream).await, 0);
+    cleanup(&url, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_covers_deliveries_deferred_to_a_later_round() {
+    // The bug: only the round running got progress reports. Two copies of one message in one
+    // batch are processed in two rounds (the second replays the first's result); while the
+    // first copy's handler ran (three times `claim_idle`), the second copy sat idle in the PEL
+    // and another consumer claimed it.
+    let Some(url) = url() else { return };
+    let stream = unique("wpi-later");
+    let source = RedisStreamSource::connect(&url, config(&stream, "c1"))
+        .await
+        .unwrap();
+    let other = RedisStreamSource::connect(&url, config(&stream, "c2"))
+        .await
+        .unwrap();
+    let producer = RedisStreamProducer::connect(&url).await.unwrap();
+    let msg = Outgoing::new(&b"slow"[..]);
+    // A producer retry: both copies land in the consumer's first batch.
+    producer.publish_once(&stream, &msg).await.unwrap();
+    producer.publish_once(&stream, &msg).await.unwrap();
+    let ledger = Ledger::default();
+    let l = ledger.clone();
+    let (stats, running) = start(Consumer::new(
+        source,
+        Executor::new(MemoryStore::new()),
+        ns(),
+        move |m: Message, _: Attempt| {
+            let l = l.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(3000)).await;
+                l.apply(&m);
+                Ok::<_, std::io::Error>(())
+            }
+        },
+    ));
+    until(10, "received", || stats.snapshot().received == 2).await;
+    let (other_stats, other) = start(Consumer::new(
+        other,
+        Executor::new(MemoryStore::new()),
+        ns(),
+        ledger.handler(),
+    ));
+    until(30, "acked", || stats.snapshot().acked == 2).await;
+    let snap = running.stop().await;
+    other.stop().await;
+    assert_eq!((snap.executed, snap.replayed), (1, 1), "{snap:?}");
+    assert_eq!(other_stats.snapshot().received, 0, "claimed while in hand");
+    ledger.assert_exactly_once([msg.id()]);
+    assert_eq!(pending(&url, &stream).await, 0);
+    cleanup(&url, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_does_not_stop_the_consumer() {
+    // The bug: once the stream was deleted (or flushed, or the group destroyed), XREADGROUP
+    // answered NOGROUP, taken as a configuration error: the consumer stopped for good. It now
+    // creates the group again and goes on with what is published next.
+    let Some(url) = url() else { return };
+    let stream = unique("nogroup");
+    let source = RedisStreamSource::connect(&url, config(&stream, "c1"))
+        .await
+        .unwrap();
+    let producer = RedisStreamProducer::connect(&url).await.unwrap();
+    let before = numbered(10);
+    for m in &before {
+        producer.publish(&stream, m).await.unwrap();
+    }
+    let ledger = Ledger::default();
+    let (store, _dir) = sqlite_store();
+    let (stats, running) = start(Consumer::new(
+        source,
+        Executor::new(store),
+        ns(),
+        ledger.handler(),
+    ));
+    until(30, "the first ten", || stats.snapshot().acked == 10).await;
+    cleanup(&url, &stream).await;
+    // Let the consumer meet the missing group.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after: Vec<Outgoing> = (10..20)
+        .map(|i| Outgoing::with_id(format!("m-{i}"), format!("{i}").into_bytes()))
+        .collect();
+    for m in &after {
+        producer.publish(&stream, m).await.unwrap();
+    }
+    until(30, "the next ten", || ledger.len() == 20).await;
+    let snap = running.stop().await;
+    ledger.assert_exactly_once(before.iter().chain(&after).map(Outgoing::id));
+    assert_eq!(snap.acked, 20, "{snap:?}");
+    assert_eq!(pending(&url, &stream).await, 0);
+    cleanup(&url, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_loading_its_dataset_after_a_restart_does_not_stop_the_consumer() {
+    // The bug: while a restarted Redis loads its dataset it answers `LOADING` (and during a
+    // failover `MASTERDOWN`, `READONLY`, ...); these were mapped to a non-transient protocol
+    // error, so the consumer stopped for good after a restart with a dataset to load. A private
+    // redis-server is restarted with a slow load (20,000 keys, 100 µs each) mid-stream.
+    if url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = dir.path().to_string_lossy().into_owned();
+    let p = port.to_string();
+    let args = [
+        "--port",
+        &p,
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        &d,
+        "--appendonly",
+        "no",
+        "--save",
+        "",
+        "--enable-debug-command",
+        "yes",
+        // Only the load after the restart is slowed down; clients are answered (`LOADING`)
+        // every kilobyte loaded.
+        "--key-load-delay",
+        "100",
+        "--loading-process-events-interval-bytes",
+        "1024",
+    ];
+    let Some(mut server) = ServerProcess::start("redis-server", &args, port) else {
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let stream = unique("loading");
+    let producer = RedisStreamProducer::connect(&url).await.unwrap();
+    let msgs = numbered(100);
+    for m in &msgs {
+        producer.publish(&stream, m).await.unwrap();
+    }
+    let _: () = redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(20_000)
+        .query_async(&mut conn(&url).await)
+        .await
+        .unwrap();
+    let source = RedisStreamSource::connect(&url, config(&stream, "c1"))
+        .await
+        .unwrap();
+    let ledger = Ledger::default();
+    let (stats, running, _store_dir) = start_slow(source, &ledger, 20);
+    until(30, "some progress", || stats.snapshot().acked >= 20).await;
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut conn(&url).await)
+        .await
+        .unwrap();
+    server.kill();
+    let Some(_server) = ServerProcess::start("redis-server", &args, port) else {
+        return;
+    };
+    // The dataset takes about 2 s to load: the consumer meets `LOADING` meanwhile.
+    let loading: Result<(), redis::RedisError> =
+        redis::cmd("PING").query_async(&mut conn(&url).await).await;
+    assert_eq!(
+        loading
+            .err()
+            .and_then(|e| e.code().map(str::to_owned))
+            .as_deref(),
+        Some("LOADING"),
+        "the restarted server was not loading"
+    );
+    until(90, "all applied", || ledger.len() == 100).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pending(&url, &stream).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "pending left: {:?}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    running.stop().await;
+    ledger.assert_exactly_once(msgs.iter().map(Outgoing::id));
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use idem::{
     Attempt, Backoff, Claim, ClaimRequest, Completion, Config, Executor, Key, MemoryStore,
-    Namespace, Record, Store, StoreError, Token, WriteOutcome,
+    Namespace, Record, State, Store, StoreError, Token, WriteOutcome,
 };
 use idem_broker::memory::{Event, MemoryBroker};
 use idem_broker::{Consumer, KeyFrom, Message, Settings};
@@ -528,6 +528,112 @@ async fn shutdown_grace_abandons_stuck_work_back_to_the_broker() {
     // Requeued for another consumer, redelivery count raised.
     assert_eq!(broker.ready(), 1);
     assert!(broker.log().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_the_grace_releases_the_claims_of_stuck_handlers() {
+    // The bug: shutdown past the grace aborted the stuck batch and left its claim in progress,
+    // so the message's redelivery (to a restarted consumer, or another one) met "in progress"
+    // and waited out the whole lease (30 s by default) before anyone could take it over. The
+    // runtime now releases, fenced by the token, the claims of the handlers it abandons.
+    let broker = MemoryBroker::new("q");
+    broker.publish(msg("stuck", "stuck"));
+    let exec = Executor::new(MemoryStore::new());
+    let (entered_tx, entered_rx) = oneshot::channel::<()>();
+    let entered_tx = Arc::new(parking_lot::Mutex::new(Some(entered_tx)));
+    let consumer = Consumer::new(
+        broker.source(),
+        exec.clone(),
+        ns(),
+        move |_m: Message, _: Attempt| {
+            let entered_tx = Arc::clone(&entered_tx);
+            async move {
+                if let Some(tx) = entered_tx.lock().take() {
+                    let _ = tx.send(());
+                }
+                std::future::pending::<()>().await;
+                Ok::<_, std::io::Error>(())
+            }
+        },
+    )
+    .shutdown_grace(Duration::from_millis(100));
+    let (_, running) = start(consumer);
+    entered_rx.await.unwrap();
+    let snap = running.stop().await;
+    assert_eq!(snap.acked, 0);
+    let key = Key::new(ns(), "stuck").unwrap();
+    let record = exec.store().get(&key).await.unwrap().unwrap();
+    assert_eq!(record.state, State::Released, "{record:?}");
+
+    // The redelivery runs at once, well within the 30 s lease.
+    let runs = Runs::default();
+    let r = runs.clone();
+    let consumer = Consumer::new(
+        broker.source(),
+        exec.clone(),
+        ns(),
+        move |m: Message, _: Attempt| {
+            let r = r.clone();
+            async move {
+                r.record(&m);
+                Ok::<_, std::io::Error>(())
+            }
+        },
+    );
+    let (stats, running) = start(consumer);
+    until("the redelivery to be acked", || stats.snapshot().acked == 1).await;
+    running.stop().await;
+    assert_eq!(runs.get("stuck"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_release_claims_that_completed() {
+    // The release is fenced: a handler that finished before shutdown keeps its completed record,
+    // even when another handler of the same batch is stuck and gets abandoned.
+    let broker = MemoryBroker::new("q");
+    broker.publish(msg("fast", "fast"));
+    broker.publish(msg("stuck", "stuck"));
+    let exec = Executor::new(MemoryStore::new());
+    let done = Arc::new(AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    let consumer = Consumer::new(
+        broker.source(),
+        exec.clone(),
+        ns(),
+        move |m: Message, _: Attempt| {
+            let d = Arc::clone(&d);
+            async move {
+                if m.message_id() == Some("stuck") {
+                    std::future::pending::<()>().await;
+                }
+                d.store(true, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        },
+    )
+    .batch_size(2)
+    .shutdown_grace(Duration::from_millis(100));
+    let get = |id: &'static str| {
+        let exec = exec.clone();
+        async move {
+            let key = Key::new(ns(), id).unwrap();
+            exec.store().get(&key).await.unwrap().map(|r| r.state)
+        }
+    };
+    let (stats, running) = start(consumer);
+    until("both received", || stats.snapshot().received == 2).await;
+    until("the fast handler", || done.load(Ordering::SeqCst)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while get("fast").await != Some(State::Completed) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fast never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    running.stop().await;
+    assert_eq!(get("fast").await, Some(State::Completed));
+    assert_eq!(get("stuck").await, Some(State::Released));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,27 @@
 //!   unacked at once.
 //! - **Quorum queues** by default (`x-queue-type = quorum`): replicated, and they count
 //!   redeliveries in the `x-delivery-count` header, which becomes
-//!   [`Message::delivery_count`](crate::Message::delivery_count) (classic queues only flag
-//!   `redelivered`, reported as 2).
+//!   [`Message::delivery_count`](crate::Message::delivery_count). Classic queues only flag
+//!   `redelivered`: the source counts the redeliveries it sees of each message itself (by
+//!   message id, or payload when there is none; the last 8,192 to 16,384 messages redelivered),
+//!   so that the count still grows (from 2) while a message keeps coming back, and the runtime's
+//!   in-progress backoff, which doubles with it, still stretches out. The count restarts with
+//!   the process, and each consumer counts only what it sees.
+//! - **An explicit delivery limit on quorum queues** (`x-delivery-limit`, default
+//!   [`DEFAULT_DELIVERY_LIMIT`] = 1,000,000): a quorum queue dead-letters a message (or drops
+//!   it, with no dead-letter exchange) once it was returned that many times, nacks with requeue
+//!   included. RabbitMQ 4.x applies a default limit of **20** when none is set, and idem
+//!   requeues every in-progress duplicate and every message that met a store outage (fail
+//!   closed, retried with backoff): a store outage of a few minutes would have the broker
+//!   dead-letter messages behind idem's back, with no record and no reason. idem dead-letters
+//!   itself (with the reason) when the executor's attempts run out, so the broker's limit is
+//!   only a backstop and is declared high; RabbitMQ 3.x (no default limit) accepts the same
+//!   argument. [`AmqpConfig::delivery_limit`] changes it, `None` declares none (the broker's
+//!   default applies). A queue that already exists without the argument (or with another
+//!   value) keeps its own setting: RabbitMQ refuses to change a queue's arguments, so the
+//!   source declares it as it is and logs a warning; set the limit with a policy
+//!   (`delivery-limit`) instead, or re-create the queue. The dead-letter queue gets the same
+//!   limit, so that an operator requeueing dead letters does not lose them after 20 tries.
 //! - **Acks are batched**: acked deliveries older than every delivery still being processed go
 //!   out as one `basic.ack(multiple = true)`; acks of a younger batch that finished first wait
 //!   (unsent, still counted against the prefetch) for the older batch's decision and then go out
@@ -24,7 +43,11 @@
 //!   broker itself dead-letters, e.g. past a quorum queue's `x-delivery-limit`, land there too).
 //!   idem publishes dead letters there itself, with the `idem-dead-letter-reason` header,
 //!   **mandatory** and with **publisher confirms**, and acks the original only after the broker
-//!   confirmed and did not return it.
+//!   confirmed and did not return it. The publisher channel is checked before each dead letter:
+//!   a channel-level error closes an AMQP channel for good (publishing to a deleted exchange,
+//!   say), so a closed one is opened again (with confirms) on the consuming connection, and the
+//!   dead-letter exchange, queue and binding are declared again (with `declare`) when the
+//!   channel was closed or the broker returned the message unroutable.
 //! - **Long handlers**: RabbitMQ closes the channel of a consumer that keeps a delivery unacked
 //!   longer than its `consumer_timeout` (30 minutes by default), which requeues everything the
 //!   channel held; raise it on the broker for handlers that run longer.
@@ -44,6 +67,12 @@ pub use self::producer::AmqpProducer;
 pub use self::source::{AmqpAcker, AmqpDelivery, AmqpSource};
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Connection};
+
+/// The `x-delivery-limit` idem declares on quorum queues: high enough that RabbitMQ never
+/// dead-letters a message that idem still retries (a redelivery every 30 s for almost a year),
+/// low enough to stay a backstop. See the [module docs](self).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 1_000_000;
 
 use crate::error::{BrokerError, BrokerErrorKind};
 
@@ -86,6 +115,10 @@ pub struct AmqpConfig {
     pub dead_letter_queue: String,
     /// The consumer tag (default `idem-<pid>`).
     pub consumer_tag: String,
+    /// The `x-delivery-limit` declared on quorum queues (default [`DEFAULT_DELIVERY_LIMIT`]);
+    /// `None` declares none, and the broker's default applies (20 on RabbitMQ 4.x). Ignored for
+    /// classic queues.
+    pub delivery_limit: Option<u32>,
 }
 
 impl AmqpConfig {
@@ -100,6 +133,7 @@ impl AmqpConfig {
             queue_type: QueueType::default(),
             declare: true,
             consumer_tag: format!("idem-{}", std::process::id()),
+            delivery_limit: Some(DEFAULT_DELIVERY_LIMIT),
         }
     }
 
@@ -116,23 +150,59 @@ impl AmqpConfig {
         self.queue_type = queue_type;
         self
     }
+
+    /// Sets the `x-delivery-limit` of quorum queues (`None`: declare none).
+    #[must_use]
+    pub fn delivery_limit(mut self, limit: Option<u32>) -> Self {
+        self.delivery_limit = limit;
+        self
+    }
+
+    /// The arguments of both queues: the type, and the delivery limit of quorum queues.
+    fn queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(self.queue_type.as_str().into()),
+        );
+        if let (QueueType::Quorum, Some(limit)) = (self.queue_type, self.delivery_limit) {
+            args.insert(
+                DELIVERY_LIMIT.into(),
+                AMQPValue::LongLongInt(i64::from(limit)),
+            );
+        }
+        args
+    }
 }
 
-/// Declares the dead-letter exchange and queue, then the queue pointing at them.
-async fn declare(channel: &lapin::Channel, config: &AmqpConfig) -> Result<(), BrokerError> {
-    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+const DELIVERY_LIMIT: &str = "x-delivery-limit";
+
+/// Declares the dead-letter exchange and queue, then the queue pointing at them. A refused
+/// declaration closes the channel: the channel to go on with is returned.
+async fn declare(
+    connection: &Connection,
+    channel: Channel,
+    config: &AmqpConfig,
+) -> Result<Channel, BrokerError> {
+    let channel = declare_dead_letter(connection, channel, config).await?;
+    let mut args = config.queue_args();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(config.dead_letter_exchange.as_bytes())),
+    );
+    declare_queue(connection, channel, &config.queue, args, "the queue").await
+}
+
+/// Declares the dead-letter exchange and queue, and binds them.
+async fn declare_dead_letter(
+    connection: &Connection,
+    channel: Channel,
+    config: &AmqpConfig,
+) -> Result<Channel, BrokerError> {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
     let queue = short(&config.queue)?;
     let dlx = short(&config.dead_letter_exchange)?;
     let dlq = short(&config.dead_letter_queue)?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    let mut typed = FieldTable::default();
-    typed.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(config.queue_type.as_str().into()),
-    );
     channel
         .exchange_declare(
             dlx.clone(),
@@ -145,30 +215,98 @@ async fn declare(channel: &lapin::Channel, config: &AmqpConfig) -> Result<(), Br
         )
         .await
         .map_err(|e| amqp_error("declaring the dead-letter exchange", e))?;
-    channel
-        .queue_declare(dlq.clone(), durable, typed.clone())
-        .await
-        .map_err(|e| amqp_error("declaring the dead-letter queue", e))?;
+    let channel = declare_queue(
+        connection,
+        channel,
+        &config.dead_letter_queue,
+        config.queue_args(),
+        "the dead-letter queue",
+    )
+    .await?;
     channel
         .queue_bind(
             dlq,
-            dlx.clone(),
-            queue.clone(),
+            dlx,
+            queue,
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
         .map_err(|e| amqp_error("binding the dead-letter queue", e))?;
-    let mut args = typed;
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(config.dead_letter_exchange.as_bytes())),
+    Ok(channel)
+}
+
+/// Declares a durable queue with `args`. A queue that exists with another `x-delivery-limit`
+/// (declared before idem set one, or by hand) is declared again without it: RabbitMQ cannot
+/// change it, and refusing to consume over it would help no one.
+async fn declare_queue(
+    connection: &Connection,
+    channel: Channel,
+    name: &str,
+    args: FieldTable,
+    what: &str,
+) -> Result<Channel, BrokerError> {
+    use lapin::options::QueueDeclareOptions;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(short(name)?, durable, args.clone())
+        .await;
+    let e = match declared {
+        Ok(_) => return Ok(channel),
+        Err(e) => e,
+    };
+    if !is_delivery_limit_mismatch(&e) || !args.inner().contains_key(DELIVERY_LIMIT) {
+        return Err(amqp_error(&format!("declaring {what}"), e));
+    }
+    tracing::warn!(
+        queue = name,
+        error = %e,
+        "the queue exists with another x-delivery-limit, which RabbitMQ cannot change; \
+         keeping it (set a `delivery-limit` policy, or re-create the queue: RabbitMQ 4.x \
+         dead-letters a quorum queue's messages after 20 returns by default)"
     );
-    channel
-        .queue_declare(queue, durable, args)
+    // The refusal closed the channel.
+    let channel = connection
+        .create_channel()
         .await
-        .map_err(|e| amqp_error("declaring the queue", e))?;
-    Ok(())
+        .map_err(|e| amqp_error("opening a channel", e))?;
+    let mut without = FieldTable::default();
+    for (k, v) in args.inner() {
+        if k.as_str() != DELIVERY_LIMIT {
+            without.insert(k.clone(), v.clone());
+        }
+    }
+    match channel.queue_declare(short(name)?, durable, without).await {
+        Ok(_) => Ok(channel),
+        // Another value than none: the queue's arguments are checked against nothing more here.
+        Err(e) if is_delivery_limit_mismatch(&e) => {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| amqp_error("opening a channel", e))?;
+            channel
+                .queue_declare(
+                    short(name)?,
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..durable
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| amqp_error(&format!("declaring {what}"), e))?;
+            Ok(channel)
+        }
+        Err(e) => Err(amqp_error(&format!("declaring {what}"), e)),
+    }
+}
+
+fn is_delivery_limit_mismatch(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
+        if err.get_message().as_str().contains(&format!("inequivalent arg '{DELIVERY_LIMIT}'")))
 }
 
 fn short(s: &str) -> Result<ShortString, BrokerError> {

@@ -1,7 +1,7 @@
 //! [`AmqpSource`]: one consumer on one queue, reconnecting with backoff; [`AmqpAcker`]: batched
 //! acks, held-then-requeued nacks, confirmed dead letters.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-use super::{AmqpConfig, amqp_error, declare, short};
+use super::{AmqpConfig, amqp_error, declare, declare_dead_letter, short};
 use crate::error::{BrokerError, BrokerErrorKind, redact};
 use crate::message::{Message, header};
 use crate::source::{Acker, Incoming, Source};
@@ -33,7 +33,8 @@ pub struct AmqpSource {
     config: Arc<AmqpConfig>,
     origin: Arc<str>,
     live: Option<Live>,
-    publisher: Arc<Mutex<Option<Channel>>>,
+    publisher: Arc<Mutex<Option<DeadLetterChannel>>>,
+    redeliveries: Redeliveries,
 }
 
 impl std::fmt::Debug for AmqpSource {
@@ -47,9 +48,47 @@ impl std::fmt::Debug for AmqpSource {
 }
 
 struct Live {
-    connection: Connection,
+    connection: Arc<Connection>,
     consumer: lapin::Consumer,
     channel: Arc<ChannelAcks>,
+}
+
+/// The channel dead letters are published on (confirm mode), on the consuming connection.
+struct DeadLetterChannel {
+    connection: Arc<Connection>,
+    channel: Channel,
+    /// The broker returned a dead letter unroutable: declare the dead-letter topology again
+    /// before the next one.
+    redeclare: bool,
+}
+
+/// How many redeliveries of each message this source has seen, for queues that only flag
+/// `redelivered` (classic queues): bounded, two generations of at most [`REDELIVERIES_KEPT`]
+/// messages each (the older is forgotten when the younger fills up), so a message that keeps
+/// coming back keeps counting up while the least recently redelivered are forgotten.
+#[derive(Default)]
+struct Redeliveries {
+    young: HashMap<idem::Fingerprint, u32>,
+    old: HashMap<idem::Fingerprint, u32>,
+}
+
+const REDELIVERIES_KEPT: usize = 8192;
+
+impl Redeliveries {
+    /// The delivery count of a redelivery of the message identified by `id`.
+    fn next(&mut self, id: idem::Fingerprint) -> u32 {
+        let seen = self
+            .young
+            .remove(&id)
+            .or_else(|| self.old.remove(&id))
+            .unwrap_or(1);
+        let count = seen.saturating_add(1);
+        if self.young.len() >= REDELIVERIES_KEPT {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(id, count);
+        count
+    }
 }
 
 /// A consuming channel and the state of every delivery tag on it not settled at the broker
@@ -81,10 +120,19 @@ pub struct AmqpDelivery {
 }
 
 /// Settles [`AmqpSource`] deliveries.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AmqpAcker {
     config: Arc<AmqpConfig>,
-    publisher: Arc<Mutex<Option<Channel>>>,
+    publisher: Arc<Mutex<Option<DeadLetterChannel>>>,
+}
+
+impl std::fmt::Debug for AmqpAcker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpAcker")
+            .field("queue", &self.config.queue)
+            .field("dead_letter_exchange", &self.config.dead_letter_exchange)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AmqpSource {
@@ -101,6 +149,7 @@ impl AmqpSource {
             config: Arc::new(config),
             live: None,
             publisher: Arc::new(Mutex::new(None)),
+            redeliveries: Redeliveries::default(),
         };
         source.reconnect().await?;
         Ok(source)
@@ -114,12 +163,13 @@ impl AmqpSource {
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
             .map_err(|e| amqp_error(&format!("connecting to {}", redact(&self.url)), e))?;
-        let channel = connection
+        let connection = Arc::new(connection);
+        let mut channel = connection
             .create_channel()
             .await
             .map_err(|e| amqp_error("opening a channel", e))?;
         if self.config.declare {
-            declare(&channel, &self.config).await?;
+            channel = declare(&connection, channel, &self.config).await?;
         }
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
@@ -134,15 +184,12 @@ impl AmqpSource {
             )
             .await
             .map_err(|e| amqp_error("starting to consume", e))?;
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error("opening the dead-letter channel", e))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| amqp_error("enabling publisher confirms", e))?;
-        *self.publisher.lock().await = Some(publisher);
+        let publisher = confirm_channel(&connection).await?;
+        *self.publisher.lock().await = Some(DeadLetterChannel {
+            connection: Arc::clone(&connection),
+            channel: publisher,
+            redeclare: false,
+        });
         self.live = Some(Live {
             connection,
             consumer,
@@ -156,12 +203,12 @@ impl AmqpSource {
     }
 
     fn convert(
-        &self,
+        &mut self,
         d: lapin::message::Delivery,
         channel: &Arc<ChannelAcks>,
     ) -> Incoming<AmqpDelivery> {
         let props = &d.properties;
-        let mut count = if d.redelivered { 2 } else { 1 };
+        let mut counted = None;
         let mut message = Message::new(Arc::clone(&self.origin), Bytes::from(d.data));
         if let Some(id) = props.message_id() {
             message = message.with_message_id(id.as_str());
@@ -171,7 +218,7 @@ impl AmqpSource {
                 if name.as_str() == "x-delivery-count" {
                     // Quorum queues count earlier deliveries; this one is the next.
                     if let Some(n) = as_u32(value) {
-                        count = n.saturating_add(1);
+                        counted = Some(n.saturating_add(1));
                     }
                 }
                 if let Some(v) = as_bytes(value) {
@@ -179,6 +226,18 @@ impl AmqpSource {
                 }
             }
         }
+        let count = match counted {
+            Some(n) => n,
+            // Only flagged (classic queues): count the redeliveries seen here.
+            None if d.redelivered => {
+                let id = match message.message_id() {
+                    Some(id) => idem::Fingerprint::of(id.as_bytes()),
+                    None => idem::Fingerprint::of(message.payload()),
+                };
+                self.redeliveries.next(id)
+            }
+            None => 1,
+        };
         Incoming::new(
             message.with_delivery_count(count),
             AmqpDelivery {
@@ -403,7 +462,62 @@ impl Acker for AmqpAcker {
     }
 }
 
+/// Opens a channel in confirm mode.
+async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error("opening the dead-letter channel", e))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| amqp_error("enabling publisher confirms", e))?;
+    Ok(channel)
+}
+
 impl AmqpAcker {
+    /// The dead-letter channel, opened again if a channel-level error closed it (publishing to
+    /// a deleted exchange, say: AMQP closes the channel for good), with the dead-letter
+    /// topology declared again then (with `declare`) or after an unroutable return.
+    async fn dead_letter_channel(&self) -> Result<Channel, BrokerError> {
+        let mut guard = self.publisher.lock().await;
+        let dl = guard
+            .as_mut()
+            .ok_or_else(|| BrokerError::connection("no dead-letter channel"))?;
+        let closed = !dl.channel.status().connected();
+        if !closed && !dl.redeclare {
+            return Ok(dl.channel.clone());
+        }
+        if !dl.connection.status().connected() {
+            // The source reconnects, and brings a new channel.
+            return Err(BrokerError::connection(
+                "the connection is lost; no dead-letter channel until the source reconnects",
+            ));
+        }
+        let mut channel = if closed {
+            tracing::warn!(
+                exchange = %self.config.dead_letter_exchange,
+                "the dead-letter channel was closed by an error; opening it again"
+            );
+            confirm_channel(&dl.connection).await?
+        } else {
+            dl.channel.clone()
+        };
+        if self.config.declare {
+            channel = declare_dead_letter(&dl.connection, channel, &self.config).await?;
+            if !channel.status().confirm() {
+                // A refused declaration replaced the channel by one without confirms.
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(|e| amqp_error("enabling publisher confirms", e))?;
+            }
+        }
+        dl.channel = channel.clone();
+        dl.redeclare = false;
+        Ok(channel)
+    }
+
     /// Publishes a dead letter, mandatory, and waits for the broker's confirm.
     async fn publish_dead_letter(
         &self,
@@ -430,8 +544,7 @@ impl AmqpAcker {
         if let Some(id) = message.message_id().and_then(|id| short(id).ok()) {
             props = props.with_message_id(id);
         }
-        let channel = self.publisher.lock().await.clone();
-        let channel = channel.ok_or_else(|| BrokerError::connection("no dead-letter channel"))?;
+        let channel = self.dead_letter_channel().await?;
         let confirm = channel
             .basic_publish(
                 short(&self.config.dead_letter_exchange)?,
@@ -450,6 +563,9 @@ impl AmqpAcker {
         match confirm {
             Confirmation::Ack(None) => {}
             Confirmation::Ack(Some(_)) => {
+                if let Some(dl) = self.publisher.lock().await.as_mut() {
+                    dl.redeclare = true;
+                }
                 return Err(BrokerError::new(
                     BrokerErrorKind::Rejected,
                     format!(

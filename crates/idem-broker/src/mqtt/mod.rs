@@ -26,7 +26,10 @@
 //!   subscribed sessions, so the source declares a persistent session `<client id>.dead-letter`
 //!   subscribed to that topic: Mosquitto queues dead letters there (up to its
 //!   `max_queued_messages`) until an operator connects with that client id. A `PUBACK` with
-//!   "no matching subscribers" is a failure, never an ack.
+//!   "no matching subscribers" is a failure, never an ack: the session is declared again (it
+//!   expired, or an operator removed it) and the publish retried once. A delivery whose dead
+//!   letter still failed is handed back after a second, like a nack, so that it neither stays
+//!   unsettled for good nor holds one of the broker's in-flight slots meanwhile.
 //! - **Reconnects** are rumqttc's: the event loop reconnects on the next poll (with backoff
 //!   here), the session resumes, unacked messages come back.
 //!

@@ -43,6 +43,17 @@ impl Drop for ConfirmedPublisher {
     }
 }
 
+/// The source of the error of a publish that no session subscribes to: MQTT drops such a
+/// message.
+#[derive(Debug, thiserror::Error)]
+#[error("no matching subscribers")]
+pub(super) struct NoMatchingSubscribers;
+
+/// Whether the broker refused a publish because no session subscribes to its topic.
+pub(super) fn no_matching_subscribers(e: &BrokerError) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<NoMatchingSubscribers>())
+}
+
 /// Polls until the broker's `CONNACK`, or fails.
 pub(super) async fn connected(events: &mut EventLoop, url: &str) -> Result<bool, BrokerError> {
     let wait = async {
@@ -93,6 +104,11 @@ impl ConfirmedPublisher {
                             let result = match ack.reason {
                                 PubAckReason::Success => Ok(()),
                                 // Nobody would ever get it: not a success.
+                                PubAckReason::NoMatchingSubscribers => Err(BrokerError::new(
+                                    BrokerErrorKind::Rejected,
+                                    "the broker answered the publish with NoMatchingSubscribers",
+                                )
+                                .with_source(NoMatchingSubscribers)),
                                 other => Err(BrokerError::new(
                                     BrokerErrorKind::Rejected,
                                     format!("the broker answered the publish with {other:?}"),

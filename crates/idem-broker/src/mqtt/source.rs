@@ -16,11 +16,15 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tokio::sync::{OnceCell, mpsc};
 use tokio::task::JoinHandle;
 
-use super::publisher::{ConfirmedPublisher, connected};
+use super::publisher::{ConfirmedPublisher, connected, no_matching_subscribers};
 use super::{MqttConfig, options};
 use crate::error::{BrokerError, BrokerErrorKind, redact};
 use crate::message::{Message, header};
 use crate::source::{Acker, Incoming, Source};
+
+/// How long a delivery whose dead-letter publish failed waits before it is handed back to be
+/// dead-lettered again.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// Subscribes to a topic in a persistent MQTT 5 session. See the [module docs](super).
 ///
@@ -58,6 +62,9 @@ struct Shared {
     next_seq: Mutex<u64>,
     closing: AtomicBool,
     dead_letters: OnceCell<ConfirmedPublisher>,
+    // One declaration of the dead-letter session at a time: two would take the session over
+    // from each other.
+    declaring: tokio::sync::Mutex<()>,
 }
 
 /// One MQTT delivery.
@@ -84,10 +91,14 @@ impl std::fmt::Debug for MqttAcker {
 
 /// Creates (or refreshes) a persistent session subscribed to `topic`, then leaves it: the
 /// broker queues QoS 1 messages for it from now on.
+///
+/// The session may exist and hold messages (dead letters), which the broker sends as soon as
+/// it resumes: they are never acked here, so they stay in the session.
 async fn declare_session(url: &str, client_id: &str, topic: &str) -> Result<(), BrokerError> {
     let mut opts = options(url, client_id, Duration::from_secs(30))?;
     opts.set_clean_start(false);
     opts.set_session_expiry_interval(Some(u32::MAX));
+    opts.set_manual_acks(true);
     let (client, mut events) = AsyncClient::new(opts, 8);
     connected(&mut events, url).await?;
     client
@@ -153,6 +164,7 @@ impl MqttSource {
             next_seq: Mutex::new(0),
             closing: AtomicBool::new(false),
             dead_letters: OnceCell::new(),
+            declaring: tokio::sync::Mutex::new(()),
         });
         // The first connection is made here, so that a wrong URL fails `connect`; messages the
         // resumed session sends right away are handled like any others.
@@ -218,6 +230,21 @@ async fn run_events(shared: Arc<Shared>, mut events: EventLoop) {
 }
 
 impl Shared {
+    async fn declare_dead_letter_session(&self) -> Result<(), BrokerError> {
+        let _one = self.declaring.lock().await;
+        tracing::warn!(
+            client_id = %self.config.dead_letter_client_id(),
+            topic = %self.config.dead_letter_topic,
+            "no session subscribes to the dead-letter topic; declaring it again"
+        );
+        declare_session(
+            &self.url,
+            &self.config.dead_letter_client_id(),
+            &self.config.dead_letter_topic,
+        )
+        .await
+    }
+
     fn on_connack(&self, session_present: bool) {
         if !session_present {
             // A new session: no packet id of the old one means anything now.
@@ -377,7 +404,7 @@ impl Acker for MqttAcker {
         {
             Ok(p) => p,
             Err(e) => {
-                self.nack(delivery, Duration::from_secs(1)).await?;
+                self.nack(delivery, DEAD_LETTER_RETRY).await?;
                 return Err(e);
             }
         };
@@ -394,13 +421,28 @@ impl Acker for MqttAcker {
             header::DEAD_LETTER_ORIGIN.to_owned(),
             message.origin().to_owned(),
         ));
-        publisher
-            .publish(
-                &shared.config.dead_letter_topic,
-                message.payload().clone(),
-                props,
-            )
-            .await?;
+        let topic = &shared.config.dead_letter_topic;
+        let payload = message.payload().clone();
+        let mut published = publisher
+            .publish(topic, payload.clone(), props.clone())
+            .await;
+        if let Err(e) = &published
+            && no_matching_subscribers(e)
+            && shared.config.declare_dead_letter_session
+        {
+            // The session that keeps dead letters is gone (expired, or removed by an operator):
+            // declare it again and publish once more.
+            match shared.declare_dead_letter_session().await {
+                Ok(()) => published = publisher.publish(topic, payload, props).await,
+                Err(de) => tracing::warn!(error = %de, "cannot declare the dead-letter session"),
+            }
+        }
+        if let Err(e) = published {
+            // Not acked, and not left holding one of the broker's in-flight slots either: handed
+            // back a little later to be dead-lettered again.
+            self.nack(delivery, DEAD_LETTER_RETRY).await?;
+            return Err(e);
+        }
         shared.puback(&delivery).await
     }
 }

@@ -18,7 +18,12 @@
 //!   `payload`, `message-id`, `idem-dead-letter-reason`, `idem-dead-letter-origin`,
 //!   `original-id`) and `XACK` of the original in one `MULTI`/`EXEC`: both or neither.
 //! - **Reconnects** are the connection manager's; entries read on a lost connection stay pending
-//!   and are claimed again after `claim_idle`.
+//!   and are claimed again after `claim_idle`. Replies that clear by themselves (`LOADING` while
+//!   a restarted Redis loads its dataset, `BUSY`, `MASTERDOWN`, `READONLY`, `TRYAGAIN`,
+//!   `CLUSTERDOWN`, `OOM`) are connection errors: the runtime backs off and retries.
+//! - **A vanished group** (`NOGROUP`: the stream was deleted, expired or flushed, or the group
+//!   destroyed) is created again at the start of the stream, and consuming goes on. Over a kept
+//!   stream this re-reads entries already processed: the store replays them.
 //!
 //! Entries carry the payload in the field `payload` and the producer's id in `message-id`; other
 //! fields become headers. Never key on the entry id: a producer retry of `XADD` creates a new
@@ -99,15 +104,111 @@ fn hostname_or_localhost() -> String {
 }
 
 /// Maps a redis error to a broker error kind.
+///
+/// Transient server replies are connection-type errors, which the runtime backs off on and
+/// retries: a restarted Redis answers `LOADING` while it loads its dataset, a failover
+/// `MASTERDOWN`, `READONLY` or `TRYAGAIN`, a long script `BUSY`, a full memory under
+/// `noeviction` `OOM`. Only what retrying cannot fix (a key that is not a stream, refused
+/// credentials or permissions) is a configuration error, which stops a consumer.
 fn redis_error(what: &str, e: redis::RedisError) -> BrokerError {
-    let kind = if e.is_timeout() {
-        BrokerErrorKind::Timeout
-    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-        BrokerErrorKind::Connection
-    } else if e.code() == Some("NOGROUP") || e.code() == Some("WRONGTYPE") {
-        BrokerErrorKind::Config
-    } else {
-        BrokerErrorKind::Protocol
-    };
+    let kind = classify(&e);
     BrokerError::new(kind, format!("{what}: {e}")).with_source(e)
+}
+
+fn classify(e: &redis::RedisError) -> BrokerErrorKind {
+    use redis::{ErrorKind, RetryMethod};
+    if e.is_timeout() {
+        return BrokerErrorKind::Timeout;
+    }
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return BrokerErrorKind::Connection;
+    }
+    if matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
+    ) || matches!(
+        e.code(),
+        Some("NOGROUP" | "WRONGTYPE" | "NOPERM" | "NOAUTH" | "WRONGPASS")
+    ) {
+        return BrokerErrorKind::Config;
+    }
+    // Codes the driver does not know (replies it keeps as "extension" errors) and that clear by
+    // themselves.
+    if matches!(
+        e.code(),
+        Some(
+            "LOADING"
+                | "BUSY"
+                | "MASTERDOWN"
+                | "READONLY"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "OOM"
+                | "UNBLOCKED"
+        )
+    ) {
+        return BrokerErrorKind::Connection;
+    }
+    match e.retry_method() {
+        RetryMethod::NoRetry => BrokerErrorKind::Protocol,
+        // Wait and retry, reconnect, redirects: all say "later, this may work".
+        _ => BrokerErrorKind::Connection,
+    }
+}
+
+/// Whether `e` says the consumer group (or its stream) does not exist: the stream was
+/// deleted, expired or flushed, or the group destroyed. A blocked `XREADGROUP` hears of it as
+/// `UNBLOCKED` (Redis 7), later commands as `NOGROUP`.
+fn is_no_group(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("NOGROUP" | "UNBLOCKED"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(text: &str) -> redis::RedisError {
+        // Parsed as the server would send it, so the driver classifies the code itself.
+        let mut parser = redis::Parser::new();
+        match parser.parse_value(format!("-{text}\r\n").as_bytes()) {
+            Ok(redis::Value::ServerError(e)) => e.into(),
+            other => panic!("not a server error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn transient_server_replies_are_connection_errors() {
+        for text in [
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script",
+            "MASTERDOWN Link with MASTER is down",
+            "READONLY You can't write against a read only replica.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "UNBLOCKED the stream key no longer exists",
+        ] {
+            let e = redis_error("reading the stream", reply(text));
+            assert_eq!(e.kind(), BrokerErrorKind::Connection, "{text}: {e}");
+            assert!(e.is_transient(), "{text}");
+        }
+    }
+
+    #[test]
+    fn what_retrying_cannot_fix_is_not_transient() {
+        for text in [
+            "NOGROUP No such key 's' or consumer group 'g'",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOPERM this user has no permissions to run the 'xreadgroup' command",
+        ] {
+            let e = redis_error("reading the stream", reply(text));
+            assert_eq!(e.kind(), BrokerErrorKind::Config, "{text}: {e}");
+        }
+        let e = redis_error("reading the stream", reply("ERR syntax error"));
+        assert_eq!(e.kind(), BrokerErrorKind::Protocol, "{e}");
+        assert!(is_no_group(&reply("NOGROUP No such key")));
+        assert!(is_no_group(&reply(
+            "UNBLOCKED the stream key no longer exists"
+        )));
+    }
 }

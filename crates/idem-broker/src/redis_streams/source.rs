@@ -10,7 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use tokio::time::Instant;
 
-use super::{ORIGINAL_ID_FIELD, PAYLOAD_FIELD, RedisStreamConfig, redis_error};
+use super::{ORIGINAL_ID_FIELD, PAYLOAD_FIELD, RedisStreamConfig, is_no_group, redis_error};
 use crate::error::{BrokerError, redact};
 use crate::message::{Message, header};
 use crate::source::{Acker, Incoming, Source};
@@ -88,19 +88,7 @@ impl RedisStreamSource {
     pub async fn connect(url: &str, config: RedisStreamConfig) -> Result<Self, BrokerError> {
         let reader = manager(url, config.block + Duration::from_secs(5)).await?;
         let mut commands = manager(url, Duration::from_secs(5)).await?;
-        let created: Result<(), _> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&config.stream)
-            .arg(&config.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut commands)
-            .await;
-        match created {
-            Ok(()) => {}
-            Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(redis_error("creating the consumer group", e)),
-        }
+        create_group(&mut commands, &config).await?;
         tracing::info!(stream = %config.stream, group = %config.group, consumer = %config.consumer, url = %redact(url), "consuming");
         Ok(Self {
             origin: config.stream.as_str().into(),
@@ -147,11 +135,26 @@ impl RedisStreamSource {
         )
     }
 
+    /// Re-creates the consumer group after Redis said it is gone (`NOGROUP`): the stream was
+    /// deleted, expired or flushed, or an operator destroyed the group. Consuming resumes from
+    /// the start of what the stream holds now; entries already processed there (a destroyed
+    /// group over a kept stream) are replayed from the store, not run again.
+    async fn recreate_group(&mut self, cause: redis::RedisError) -> Result<(), BrokerError> {
+        tracing::warn!(
+            stream = %self.config.stream,
+            group = %self.config.group,
+            error = %cause,
+            "the consumer group is gone; creating it again"
+        );
+        self.claim_cursor = "0-0".to_owned();
+        create_group(&mut self.commands, &self.config).await
+    }
+
     /// Takes over entries idle longer than `claim_idle`, with their delivery counts.
     async fn claim(
         &mut self,
         max: usize,
-    ) -> Result<Vec<Incoming<RedisStreamDelivery>>, BrokerError> {
+    ) -> Result<Vec<Incoming<RedisStreamDelivery>>, AutoClaimError> {
         let c = &self.config;
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(&c.stream)
@@ -163,7 +166,13 @@ impl RedisStreamSource {
             .arg(max)
             .query_async(&mut self.commands)
             .await
-            .map_err(|e| redis_error("claiming idle entries", e))?;
+            .map_err(|e| {
+                if is_no_group(&e) {
+                    AutoClaimError::Gone(e)
+                } else {
+                    AutoClaimError::Failed(redis_error("claiming idle entries", e))
+                }
+            })?;
         self.claim_cursor = reply.next_stream_id;
         if reply.claimed.is_empty() {
             return Ok(Vec::new());
@@ -182,30 +191,67 @@ impl RedisStreamSource {
             .collect())
     }
 
+    /// The delivery counts of exactly `entries`: one `XPENDING <id> <id> 1` per entry, in one
+    /// pipeline. (One range query from the first id to the last would also return other entries
+    /// pending for this consumer in between, and with `COUNT` = the number claimed, miss some of
+    /// the claimed ones.)
     async fn delivery_counts(
         &mut self,
         entries: &[StreamId],
     ) -> Result<HashMap<String, u32>, BrokerError> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        if entries.is_empty() {
             return Ok(HashMap::new());
-        };
+        }
         let c = &self.config;
-        let reply: StreamPendingCountReply = redis::cmd("XPENDING")
-            .arg(&c.stream)
-            .arg(&c.group)
-            .arg(&first.id)
-            .arg(&last.id)
-            .arg(entries.len())
-            .arg(&c.consumer)
+        let mut pipe = redis::pipe();
+        for e in entries {
+            pipe.cmd("XPENDING")
+                .arg(&c.stream)
+                .arg(&c.group)
+                .arg(&e.id)
+                .arg(&e.id)
+                .arg(1)
+                .arg(&c.consumer);
+        }
+        let replies: Vec<StreamPendingCountReply> = pipe
             .query_async(&mut self.commands)
             .await
             .map_err(|e| redis_error("reading delivery counts", e))?;
-        Ok(reply
-            .ids
+        Ok(replies
             .into_iter()
+            .flat_map(|r| r.ids)
             .map(|p| (p.id, u32::try_from(p.times_delivered).unwrap_or(u32::MAX)))
             .collect())
     }
+}
+
+/// Creates the consumer group at the start of the stream (creating the stream) unless it
+/// exists.
+async fn create_group(
+    commands: &mut ConnectionManager,
+    config: &RedisStreamConfig,
+) -> Result<(), BrokerError> {
+    let created: Result<(), _> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&config.stream)
+        .arg(&config.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(commands)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(redis_error("creating the consumer group", e)),
+    }
+}
+
+/// Why `XAUTOCLAIM` failed.
+enum AutoClaimError {
+    /// The group is gone (`NOGROUP`).
+    Gone(redis::RedisError),
+    /// Anything else.
+    Failed(BrokerError),
 }
 
 fn millis(d: Duration) -> u64 {
@@ -229,7 +275,14 @@ impl Source for RedisStreamSource {
     ) -> Result<Vec<Incoming<RedisStreamDelivery>>, BrokerError> {
         let max = max.max(1);
         if Instant::now() >= self.next_claim {
-            let claimed = self.claim(max).await?;
+            let claimed = match self.claim(max).await {
+                Ok(claimed) => claimed,
+                Err(AutoClaimError::Gone(e)) => {
+                    self.recreate_group(e).await?;
+                    return Ok(Vec::new());
+                }
+                Err(AutoClaimError::Failed(e)) => return Err(e),
+            };
             // Keep claiming while there is a backlog of idle entries; otherwise wait a while.
             if claimed.len() < max {
                 self.next_claim = Instant::now() + self.config.claim_interval;
@@ -244,7 +297,7 @@ impl Source for RedisStreamSource {
             .saturating_duration_since(Instant::now())
             .min(c.block)
             .max(Duration::from_millis(1));
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        let read: Result<Option<StreamReadReply>, _> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&c.group)
             .arg(&c.consumer)
@@ -256,8 +309,15 @@ impl Source for RedisStreamSource {
             .arg(&c.stream)
             .arg(">")
             .query_async(&mut self.reader)
-            .await
-            .map_err(|e| redis_error("reading the stream", e))?;
+            .await;
+        let reply = match read {
+            Ok(reply) => reply,
+            Err(e) if is_no_group(&e) => {
+                self.recreate_group(e).await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(redis_error("reading the stream", e)),
+        };
         Ok(reply
             .into_iter()
             .flat_map(|r| r.keys)
