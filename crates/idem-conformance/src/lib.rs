@@ -124,11 +124,24 @@ impl<S: Store + Clone> Harness for ManualHarness<S> {
 }
 
 /// A harness for stores on a server's clock: advancing time sleeps.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RealTimeHarness<S> {
     store: S,
     unit: Duration,
     cases: u32,
+    /// Dropped with the harness, at the end of the check: cleans up what the check's store
+    /// lives in (a schema or a table of its own on a shared server).
+    _cleanup: Option<std::sync::Arc<dyn Send + Sync>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for RealTimeHarness<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RealTimeHarness")
+            .field("store", &self.store)
+            .field("unit", &self.unit)
+            .field("cases", &self.cases)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> RealTimeHarness<S> {
@@ -138,7 +151,17 @@ impl<S> RealTimeHarness<S> {
             store,
             unit,
             cases: 12,
+            _cleanup: None,
         }
+    }
+
+    /// Keeps `guard` until the check ends, then drops it: give each check a schema or table of
+    /// its own on a shared server, and a guard whose `Drop` removes it, so that checks (and
+    /// runs) never see each other's records, not even through a purge.
+    #[must_use]
+    pub fn cleanup(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self._cleanup = Some(std::sync::Arc::new(guard));
+        self
     }
 
     /// Sets how many random sequences the property check runs (each sleeps a few units).

@@ -85,3 +85,35 @@ impl Ledger {
         let _ = self.pool.disconnect().await;
     }
 }
+
+/// Drops `table` when dropped (at the end of a test, passed or failed).
+pub struct DropTable {
+    pub url: String,
+    pub table: String,
+}
+
+impl Drop for DropTable {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot block on itself: clean up from a
+        // thread with a runtime of its own.
+        let (url, table) = (self.url.clone(), self.table.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let pool = mysql_async::Pool::new(url.as_str());
+                let mut conn = pool.get_conn().await.ok()?;
+                let dropped = conn
+                    .query_drop(format!("DROP TABLE IF EXISTS `{table}`"))
+                    .await
+                    .ok();
+                drop(conn);
+                let _ = pool.disconnect().await;
+                dropped
+            })
+        })
+        .join();
+    }
+}
