@@ -50,7 +50,7 @@ enum Command {
     Evict(operator::EvictArgs),
     /// Delete records whose retention has ended.
     Purge(operator::PurgeArgs),
-    /// Create or upgrade a store's schema (PostgreSQL); connecting never does it.
+    /// Create or upgrade a store's schema (PostgreSQL, MySQL); connecting never does it.
     Migrate(migrate::Args),
     /// Consume a queue, subject, topic or stream and run a command or POST to a URL once per
     /// key: exactly-once effects for consumers written in any language (a sidecar).

@@ -2,16 +2,18 @@
 //! they connect, so that no application creates tables in a database an operator manages.
 
 use anyhow::{Context, bail};
+use idem_mysql::MysqlStore;
 use idem_postgres::PostgresStore;
 
 use crate::store_url::StoreUrl;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// The store: `postgres://USER@HOST/DB` (SQLite files create their schema when opened).
+    /// The store: `postgres://USER@HOST/DB` or `mysql://USER@HOST/DB` (SQLite files create
+    /// their schema when opened; Redis needs none).
     #[arg(long = "store", value_name = "URL")]
     store: StoreUrl,
-    /// Schema of the records table.
+    /// Schema of the records table (PostgreSQL; MySQL uses the URL's database).
     #[arg(long, default_value = idem_postgres::DEFAULT_SCHEMA)]
     schema: String,
     /// The records table.
@@ -37,9 +39,25 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        StoreUrl::Mysql(url) => {
+            MysqlStore::builder(url.as_str())
+                .table(args.table.as_str())
+                .build()
+                .with_context(|| format!("opening {}", args.store))?
+                .migrate()
+                .await
+                .with_context(|| format!("migrating {}", args.store))?;
+            println!(
+                "{}: `{}` is at idem schema version {}",
+                args.store,
+                args.table,
+                idem_mysql::SCHEMA_VERSION
+            );
+            Ok(())
+        }
         other => bail!(
             "{other} has no schema to migrate: SQLite files get theirs when they are opened, \
-             the memory store has none"
+             Redis and the memory store have none"
         ),
     }
 }

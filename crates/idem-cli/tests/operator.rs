@@ -315,3 +315,73 @@ fn bad_stores_get_clear_errors_and_nothing_is_created() {
     assert_fails_with(&["inspect", "--store", "memory"], "memory store");
     assert_fails_with(&["inspect"], "--store");
 }
+
+/// `idem migrate` creates idem's table on request (stores never do it when they connect), and
+/// is safe to run again.
+#[tokio::test]
+async fn migrate_creates_the_schema_on_postgres_and_mysql() {
+    let run = format!("{:x}_{:x}", std::process::id(), fastrand_u32());
+    if let Some(url) = idem_conformance::server::url(idem_conformance::server::POSTGRES) {
+        let schema = format!("idem_migrate_{run}");
+        for _ in 0..2 {
+            let out = idem(&["migrate", "--store", &url, "--schema", &schema]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            assert!(stdout(&out).contains("schema version"), "{}", stdout(&out));
+        }
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 \
+                 AND table_name = 'idem_records'",
+                &[&schema],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    if let Some(url) = idem_conformance::server::url(idem_conformance::server::MYSQL) {
+        use mysql_async::prelude::Queryable;
+        let table = format!("idem_migrate_{run}");
+        for _ in 0..2 {
+            let out = idem(&["migrate", "--store", &url, "--table", &table]);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        let pool = mysql_async::Pool::new(url.as_str());
+        let mut conn = pool.get_conn().await.unwrap();
+        let n: Option<i64> = conn
+            .exec_first(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = DATABASE() \
+                 AND table_name = ?",
+                (&table,),
+            )
+            .await
+            .unwrap();
+        conn.query_drop(format!("DROP TABLE `{table}`"))
+            .await
+            .unwrap();
+        drop(conn);
+        pool.disconnect().await.unwrap();
+        assert_eq!(n, Some(1));
+    }
+    let out = idem(&["migrate", "--store", "memory"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no schema to migrate"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn fastrand_u32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}

@@ -26,25 +26,44 @@ use idem::{
 };
 use idem_postgres::PostgresStore;
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The server binaries: `IDEM_PG_BINDIR`, or the newest `/usr/lib/postgresql/<version>/bin`
+/// (Debian's layout; `.ci/run` installs whatever version the distribution has).
+fn bin_dir() -> Option<std::path::PathBuf> {
+    if let Ok(dir) = std::env::var("IDEM_PG_BINDIR") {
+        return Some(dir.into());
+    }
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let version = e.file_name().to_str()?.parse().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .filter(|(_, bin)| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
 
 /// A PostgreSQL server of this test's own, stopped (immediately) on drop.
 struct PrivatePg {
     dir: tempfile::TempDir,
     port: u16,
+    bin: std::path::PathBuf,
 }
 
 impl PrivatePg {
     /// `None` (skip, loudly; a failure in CI) when the server binaries are not installed.
     fn start() -> Option<Self> {
-        if !Path::new(BIN).join("initdb").exists() {
+        let Some(bin) = bin_dir() else {
             assert!(
                 !idem_conformance::server::is_ci(),
-                "{BIN}/initdb is missing; CI is set, so this is a failure, not a skip"
+                "no PostgreSQL server binaries (initdb) under /usr/lib/postgresql/*/bin or \
+                 IDEM_PG_BINDIR; CI is set, so this is a failure, not a skip"
             );
-            eprintln!("SKIPPED: {BIN}/initdb is missing; set CI=1 to make this a failure");
+            eprintln!("SKIPPED: no PostgreSQL server binaries; set CI=1 to make this a failure");
             return None;
-        }
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         // PostgreSQL refuses to run as root: give the directory to the postgres user.
         if is_root() {
@@ -54,9 +73,9 @@ impl PrivatePg {
                 .arg(dir.path()));
         }
         let port = free_port();
-        let pg = Self { dir, port };
+        let pg = Self { dir, port, bin };
         run(pg
-            .as_postgres(&format!("{BIN}/initdb"))
+            .as_postgres(&pg.bin.join("initdb"))
             .arg("-D")
             .arg(pg.data())
             .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]));
@@ -72,10 +91,10 @@ impl PrivatePg {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    fn as_postgres(&self, program: &str) -> Command {
+    fn as_postgres(&self, program: &Path) -> Command {
         if is_root() {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--", program]);
+            c.args(["-u", "postgres", "--"]).arg(program);
             c
         } else {
             Command::new(program)
@@ -89,7 +108,7 @@ impl PrivatePg {
             self.dir.path().display()
         );
         run(self
-            .as_postgres(&format!("{BIN}/pg_ctl"))
+            .as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.data())
             .args(["-o", &opts, "-l"])
@@ -100,7 +119,7 @@ impl PrivatePg {
     /// Kills the server the way a crash would: no checkpoint, every connection cut.
     fn crash(&self) {
         run(self
-            .as_postgres(&format!("{BIN}/pg_ctl"))
+            .as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.data())
             .args(["-m", "immediate", "-w", "stop"]));
@@ -146,7 +165,7 @@ impl Drop for PrivatePg {
             let _ = Command::new("kill").arg("-CONT").args(self.pids()).output();
         }
         let _ = self
-            .as_postgres(&format!("{BIN}/pg_ctl"))
+            .as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.data())
             .args(["-m", "immediate", "-w", "stop"])

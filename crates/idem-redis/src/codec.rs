@@ -1,5 +1,5 @@
 //! What travels between this crate and Redis: record keys (`<prefix>{<namespace>:<id>}`), the
-//! scripts' replies, and records read back with `HGETALL`. Anything that does not decode is
+//! scripts' replies, and records read back with `GET` (one binary string per record). Anything that does not decode is
 //! [`Corrupt`](idem::StoreErrorKind::Corrupt), never "absent".
 
 use std::time::Duration;

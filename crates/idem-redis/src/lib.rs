@@ -27,6 +27,9 @@
 //!
 //! One string per key, named `<prefix>{<namespace>:<id>}` (prefix `idem:` by default). The
 //! braces are a hash tag: a single-key script touches one hash slot, as Redis Cluster requires.
+//! The client itself connects to one standalone server (or a primary behind Sentinel or a
+//! proxy); a Redis Cluster node is refused at connect with a clear error, since a cluster
+//! client (routing each key to its slot's node, [`Batching::Pipeline`]) is not built yet.
 //! The value is a compact binary record (version, state, lease end, attempts, times,
 //! fingerprint, token, owner, then the result), laid out in `lua/prelude.lua`: one string lets a
 //! claim of a new key be a single `SET … NX GET` inside its script and every other write a
@@ -318,6 +321,18 @@ impl RedisStoreBuilder {
                     ),
                 ));
             }
+        }
+        if settings.mode.as_deref() == Some("cluster") {
+            // Every script touches one hash slot per key (`{namespace:id}`), so the records are
+            // ready for a cluster; the client is not: it holds one connection to one node, and
+            // a batch script spans many slots.
+            return Err(StoreError::new(
+                StoreErrorKind::Config,
+                format!(
+                    "{shown} is a Redis Cluster node; this version of idem-redis connects to one \
+                     standalone server (or a primary behind Sentinel or a proxy), not to a cluster"
+                ),
+            ));
         }
         log_settings(&shown, &settings);
         Ok(RedisStore {
@@ -752,7 +767,7 @@ impl Store for RedisStore {
     /// Redis deletes every record by itself, [expiry grace](RedisStoreBuilder::expiry_grace)
     /// after it stopped counting, so this is never needed. It deletes records in their grace
     /// early (at most `limit`), which costs a `SCAN` over the whole database from the start on
-    /// every call, plus one `HGET` per key under the prefix.
+    /// every call, plus one `GET` per key under the prefix.
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
         const OP: &str = "purge_expired";
         if limit == 0 {

@@ -21,6 +21,8 @@ pub struct ServerSettings {
     pub appendfsync: Option<String>,
     /// The server's version (`redis_version` of `INFO server`).
     pub version: Option<String>,
+    /// `redis_mode` of `INFO server`: `standalone`, `cluster` or `sentinel`.
+    pub mode: Option<String>,
 }
 
 impl ServerSettings {
@@ -60,7 +62,8 @@ impl ServerSettings {
             maxmemory: next().and_then(|v| v.parse().ok()),
             appendonly: next().map(|v| v == "yes"),
             appendfsync: next(),
-            version: info.and_then(|v| info_field(v, "redis_version")),
+            version: info.clone().and_then(|v| info_field(v, "redis_version")),
+            mode: info.and_then(|v| info_field(v, "redis_mode")),
         })
     }
 }
@@ -134,5 +137,7 @@ mod tests {
             ..ServerSettings::default()
         };
         assert_eq!(settings.major_version(), Some(7));
+        let info = bulk("# Server\r\nredis_version:7.0.15\r\nredis_mode:cluster\r\n");
+        assert_eq!(info_field(info, "redis_mode").as_deref(), Some("cluster"));
     }
 }

@@ -709,3 +709,15 @@ async fn tls_urls_need_the_tls_feature() {
     assert_eq!(e.kind(), StoreErrorKind::Config, "{e}");
     assert!(e.to_string().contains("`tls` feature"), "{e}");
 }
+
+/// A Redis Cluster node is refused at connect with a clear error: this client holds one
+/// connection to one server, and a batch script spans many hash slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_is_refused_clearly() {
+    let Some(server) = PrivateRedis::start(&["--cluster-enabled", "yes"]) else {
+        return;
+    };
+    let err = RedisStore::connect(&server.url()).await.unwrap_err();
+    assert_eq!(err.kind(), idem::StoreErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("Redis Cluster"), "{err}");
+}
