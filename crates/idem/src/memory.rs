@@ -50,6 +50,9 @@ struct Inner {
     hasher: foldhash::fast::RandomState,
     clock: Arc<dyn Clock>,
     max_result_bytes: usize,
+    /// The shard the next purge starts at: successive bounded purges go round the shards
+    /// instead of scanning the first ones again every time.
+    purge_from: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for MemoryStore {
@@ -73,6 +76,7 @@ impl MemoryStore {
                 hasher,
                 clock: Arc::new(clock),
                 max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+                purge_from: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -228,13 +232,18 @@ impl Store for MemoryStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
+        use std::sync::atomic::Ordering;
         let now = self.clock_now();
         let mut purged = 0;
-        for shard in self.inner.shards.iter() {
+        let start = self.inner.purge_from.load(Ordering::Relaxed);
+        for n in 0..SHARDS {
+            let i = (start + n) % SHARDS;
             if purged >= limit {
+                // The next purge starts where this one stopped.
+                self.inner.purge_from.store(i, Ordering::Relaxed);
                 break;
             }
-            let mut shard = shard.lock();
+            let mut shard = self.inner.shards[i].lock();
             shard.retain(|(_, slot)| {
                 let Some(rec) = slot else { return false };
                 if purged < limit && transition::is_purgeable(rec, now) {
