@@ -49,6 +49,9 @@ enum Command {
     Purge(operator::PurgeArgs),
     /// Create or upgrade a store's schema (PostgreSQL); connecting never does it.
     Migrate(migrate::Args),
+    /// One consumer process of `idem verify --broker` (started by verify itself).
+    #[command(name = "__verify-consumer", hide = true)]
+    VerifyConsumer(verify::ChildArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
             Command::Evict(args) => operator::evict(args).await,
             Command::Purge(args) => operator::purge(args).await,
             Command::Migrate(args) => migrate::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::VerifyConsumer(args) => verify::run_child(args).await,
         }
     });
     match result {

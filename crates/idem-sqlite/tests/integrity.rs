@@ -51,7 +51,10 @@ async fn corrupt_records_are_errors_never_absent_or_empty() {
     for id in ["typed", "no-result", "no-reason", "bad-state"] {
         let err = store.claim(&request(id)).await.unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{id}: {err}");
-        assert!(err.to_string().contains(id), "{id}: the error names the key: {err}");
+        assert!(
+            err.to_string().contains(id),
+            "{id}: the error names the key: {err}"
+        );
         let err = store.get(&key(id)).await.unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{id}: get: {err}");
     }
@@ -98,7 +101,11 @@ async fn a_batch_that_fails_halfway_leaves_nothing_behind() {
         .unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
     let rec = store.get(&key("first")).await.unwrap().unwrap();
-    assert_eq!(rec.state, idem::State::InProgress, "a failed batch completed an item");
+    assert_eq!(
+        rec.state,
+        idem::State::InProgress,
+        "a failed batch completed an item"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,7 +34,7 @@ use tokio::time::{Instant, Sleep};
 use super::faults::{CrashPoint, ErrorSide, Fault, FaultCounters, FaultPlan, Faults};
 use super::harness::{Broker, Delivery};
 use super::ledger::{
-    DieInTransaction, MemoryLedger, Sabotage, Settled, TransactionalLedger, TransferJob,
+    CrashHook, DieInTransaction, MemoryLedger, Sabotage, Settled, TransactionalLedger, TransferJob,
 };
 use super::workload::Workload;
 
@@ -542,6 +542,7 @@ impl<L: TransactionalLedger> Mode for TransactionalMode<L> {
             applications: Sabotage::applications(self.sabotage, i),
             die,
             died: Arc::clone(&died),
+            crash: CrashHook::default(),
         };
         let result = self.ledger.apply_once(job).await;
         if died.load(Ordering::Relaxed) {
