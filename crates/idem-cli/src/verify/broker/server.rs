@@ -4,21 +4,25 @@
 //!
 //! | kind | server | durability | restart |
 //! |---|---|---|---|
-//! | `nats` | `nats-server -js -sd DIR` | JetStream file store | SIGTERM (see below) |
+//! | `nats` | `nats-server -js -sd DIR` | JetStream file store | SIGTERM |
 //! | `redis` | `redis-server --appendonly yes --appendfsync always` | every write in the AOF before the reply | SIGKILL |
 //! | `mqtt` | `mosquitto` with `persistence true` | saved on shutdown and every `autosave_interval` | SIGTERM |
-//! | `amqp` | a RabbitMQ node of its own (`RABBITMQ_NODENAME`, ports, mnesia and log dirs) | quorum queues (fsynced Raft log) | SIGKILL |
+//! | `amqp` | a RabbitMQ node of its own (`RABBITMQ_NODENAME`, ports, mnesia and log dirs) | quorum queues (Raft log) | SIGTERM |
 //!
-//! A restart that loses messages the broker had confirmed would show up as lost transfers and
-//! fail the run for a reason that is not idem's, so each broker is restarted the hardest way it
-//! survives: Redis and RabbitMQ are SIGKILLed; Mosquitto writes its persistence file only on
-//! shutdown and autosave, and the JetStream file store of the nats-server versions this runs on
-//! writes messages behind the `PubAck` (a SIGKILL loses the last few), so those two get SIGTERM
-//! and their shutdown. Either way every connection drops and the consumers must resume.
+//! A restart that loses or breaks what the broker had confirmed would show up as lost transfers
+//! and fail the run for a reason that is not idem's, so each broker is restarted the hardest
+//! way it is known to survive here: Redis (append-only file, `appendfsync always`) is SIGKILLed.
+//! Mosquitto writes its persistence file only on shutdown and autosave, so a SIGKILL loses
+//! every queued message: SIGTERM. RabbitMQ 3.10 (Debian 12) SIGKILLed while a quorum queue is
+//! being written comes back with that queue leaderless for good ("leader not known", publishes
+//! never confirmed): SIGTERM. For nats-server we have not established that every message is on
+//! disk before its `PubAck`: SIGTERM by default, and `--restart-signal kill` to try the crash.
+//! Either way every connection drops while the broker is down and the consumers must resume.
 //!
 //! Binaries come from `IDEM_NATS_SERVER`, `IDEM_REDIS_SERVER`, `IDEM_MOSQUITTO` and
 //! `IDEM_RABBITMQ_SERVER` when set, otherwise from `PATH` or the usual system directories.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -157,6 +161,13 @@ impl PrivateBroker {
                 Stop::Kill,
             ),
             BrokerKind::Mqtt => {
+                // Started as root, mosquitto drops to its own user: it must be able to reach
+                // and write its persistence directory.
+                let data = dir.path().join("data");
+                std::fs::create_dir_all(&data)?;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+                std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777))?;
+                let d = data.to_string_lossy().into_owned();
                 let conf = dir.path().join("mosquitto.conf");
                 // max_queued_messages 0: no limit, or a session whose consumer is being
                 // restarted would silently drop what is queued for it past 1000.
@@ -207,7 +218,7 @@ impl PrivateBroker {
                     // itself and a SIGKILL reaches it.
                     ("RUNNING_UNDER_SYSTEMD".into(), "true".into()),
                 ];
-                (Vec::new(), Stop::Kill)
+                (Vec::new(), Stop::Term)
             }
         };
         let mut broker = Self {
