@@ -36,7 +36,7 @@ enum Command {
     /// Prove exactly-once effects under injected faults: a bank ledger through an at-least-once
     /// queue, with duplicates, crashes, pauses and store errors, in naive, store and
     /// transactional modes. Exits 0 only if idem kept its guarantees.
-    Verify(verify::Args),
+    Verify(Box<verify::Args>),
     /// Measure throughput of stores through the executor, next to a raw baseline of the same run.
     Bench(bench::Args),
     /// Show a store's records by state, in-progress claims and stuck ones.
@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Verify(args) => verify::run(args).await,
+            Command::Verify(args) => verify::run(*args).await,
             Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Inspect(args) => operator::inspect(args).await,
             Command::Get(args) => operator::get(args).await,

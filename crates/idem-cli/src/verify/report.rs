@@ -561,6 +561,42 @@ mod tests {
     }
 
     #[test]
+    fn a_broker_run_fails_when_a_required_fault_never_happened() {
+        let with = |kills, restarts, drops, required| {
+            let mut r = run(ModeName::Store, 0, 0, 0);
+            r.broker = Some(BrokerFaults {
+                broker_restarts: restarts,
+                consumer_kills: kills,
+                connection_drops: drops,
+                required,
+                ..BrokerFaults::default()
+            });
+            check(&r)
+        };
+        let all = RequiredFaults {
+            kills: true,
+            restarts: true,
+            drops: true,
+        };
+        assert!(with(3, 1, 2, all).ok);
+        let c = with(0, 1, 2, all);
+        assert!(!c.ok && c.detail.contains("no consumer process was killed"));
+        let c = with(3, 0, 2, all);
+        assert!(
+            !c.ok && c.detail.contains("never restarted"),
+            "{}",
+            c.detail
+        );
+        assert!(!with(3, 1, 0, all).ok);
+        // A given server cannot be restarted: not required, not failed.
+        let given = RequiredFaults {
+            restarts: false,
+            ..all
+        };
+        assert!(with(3, 0, 2, given).ok);
+    }
+
+    #[test]
     fn broken_ledgers_and_unfinished_runs_fail() {
         let mut r = run(ModeName::Store, 0, 0, 0);
         r.total_conserved = false;

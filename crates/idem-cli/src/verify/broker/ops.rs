@@ -301,13 +301,13 @@ pub(crate) async fn leftover_mqtt(
                     Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
                     Ok(Event::Incoming(Packet::Publish(_))) => n += 1,
                     Ok(_) => {}
-                    Err(e) => return Err(anyhow!("MQTT session {slot}: {e}")),
+                    Err(e) => return Err::<(), _>(anyhow!("MQTT session {slot}: {e}")),
                 }
             }
         };
-        match tokio::time::timeout(wait, counting).await {
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(())) | Err(_) => {}
+        // Counting ends when `wait` is over (the normal way) or the connection fails.
+        if let Ok(Err(e)) = tokio::time::timeout(wait, counting).await {
+            return Err(e);
         }
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
