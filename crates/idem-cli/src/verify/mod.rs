@@ -94,8 +94,9 @@ pub(crate) struct Args {
     /// With --broker: restarts of a private broker per mode [default: 1].
     #[arg(long, value_name = "N")]
     broker_restarts: Option<u32>,
-    /// With --broker: how a private broker is restarted [default: kill for redis and amqp,
-    /// term for nats and mqtt; see docs/verify.md].
+    /// With --broker: how a private broker is restarted [default: kill for redis; term for
+    /// nats, mqtt and amqp, which lose or break confirmed messages when killed; see
+    /// docs/verify.md].
     #[arg(long, value_enum)]
     restart_signal: Option<broker::RestartSignal>,
     /// Start every fault rate at 0; the rate flags given still apply.
