@@ -123,6 +123,17 @@ fn ms(flag: Option<u64>, default: u64, no_faults: bool) -> Option<Duration> {
 }
 
 pub(crate) async fn run(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
+    // On ctrl-c the run is dropped, and with it the consumer processes (killed on drop) and
+    // the private broker (killed on drop): nothing is left running.
+    tokio::select! {
+        result = run_verify(args, broker) => result,
+        _ = tokio::signal::ctrl_c() => {
+            bail!("interrupted: the consumer processes and the private broker were stopped")
+        }
+    }
+}
+
+async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
     let spec = BrokerSpec::parse(broker)?;
     for (given, flag) in [
         (args.lost_ack_rate.is_some(), "--lost-ack-rate"),
@@ -260,11 +271,19 @@ pub(crate) async fn run(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
         if spec.url.is_some() {
             // Not our server: leave nothing behind.
             let names = Names::new(&env.run_id, mode);
-            if let Err(e) = ops::cleanup(env.kind, &env.url, &names, env.consumers).await {
-                eprintln!(
-                    "warning: could not remove {} from the broker: {e:#}",
+            let cleanup = ops::cleanup(env.kind, &env.url, &names, env.consumers);
+            match tokio::time::timeout(Duration::from_secs(30), cleanup).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    eprintln!(
+                        "warning: could not remove {} from the broker: {e:#}",
+                        names.base
+                    );
+                }
+                Err(_) => eprintln!(
+                    "warning: could not remove {} from the broker: no answer in 30 s",
                     names.base
-                );
+                ),
             }
         }
         runs.push(run);
