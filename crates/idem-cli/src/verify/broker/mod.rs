@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -712,7 +712,6 @@ struct ProducerCounters {
     retries: AtomicU64,
     dropped: AtomicU64,
     dup_publish: AtomicU64,
-    failed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -783,7 +782,6 @@ async fn produce(
         match done {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                counters.failed.store(true, Ordering::Relaxed);
                 produced.errors.push(format!("producer: {e:#}"));
             }
             Err(e) => produced.errors.push(format!("producer task: {e}")),
