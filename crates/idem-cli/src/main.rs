@@ -39,7 +39,7 @@ enum Command {
     /// Prove exactly-once effects under injected faults: a bank ledger through an at-least-once
     /// queue, with duplicates, crashes, pauses and store errors, in naive, store and
     /// transactional modes. Exits 0 only if idem kept its guarantees.
-    Verify(verify::Args),
+    Verify(Box<verify::Args>),
     /// Measure throughput of stores through the executor, next to a raw baseline of the same run.
     Bench(bench::Args),
     /// Show a store's records by state, in-progress claims and stuck ones.
@@ -54,7 +54,10 @@ enum Command {
     Migrate(migrate::Args),
     /// Consume a queue, subject, topic or stream and run a command or POST to a URL once per
     /// key: exactly-once effects for consumers written in any language (a sidecar).
-    Consume(consume::Args),
+    Consume(Box<consume::Args>),
+    /// One consumer process of `idem verify --broker` (started by verify itself).
+    #[command(name = "__verify-consumer", hide = true)]
+    VerifyConsumer(verify::ChildArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,14 +76,15 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Verify(args) => verify::run(args).await,
+            Command::Verify(args) => verify::run(*args).await,
             Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Inspect(args) => operator::inspect(args).await,
             Command::Get(args) => operator::get(args).await,
             Command::Evict(args) => operator::evict(args).await,
             Command::Purge(args) => operator::purge(args).await,
             Command::Migrate(args) => migrate::run(args).await.map(|()| ExitCode::SUCCESS),
-            Command::Consume(args) => consume::run(args).await,
+            Command::Consume(args) => consume::run(*args).await,
+            Command::VerifyConsumer(args) => verify::run_child(args).await,
         }
     });
     match result {

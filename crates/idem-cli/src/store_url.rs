@@ -152,6 +152,16 @@ macro_rules! with_store {
 }
 
 impl StoreUrl {
+    /// The URL with its credentials, for a process that opens the same store (never print
+    /// it: `Display` is the redacted form).
+    pub(crate) fn with_credentials(&self) -> String {
+        match self {
+            StoreUrl::Memory => "memory".to_owned(),
+            StoreUrl::Sqlite(p) => format!("sqlite:{}", p.display()),
+            StoreUrl::Mysql(url) | StoreUrl::Postgres(url) | StoreUrl::Redis(url) => url.clone(),
+        }
+    }
+
     /// Opens the store: SQLite opens its file, networked stores connect.
     pub(crate) async fn open(&self, opts: OpenOptions) -> anyhow::Result<Opened> {
         match self {

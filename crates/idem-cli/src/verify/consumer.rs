@@ -34,7 +34,7 @@ use tokio::time::{Instant, Sleep};
 use super::faults::{CrashPoint, ErrorSide, Fault, FaultCounters, FaultPlan, Faults};
 use super::harness::{Broker, Delivery};
 use super::ledger::{
-    DieInTransaction, MemoryLedger, Sabotage, Settled, TransactionalLedger, TransferJob,
+    CrashHook, DieInTransaction, MemoryLedger, Sabotage, Settled, TransactionalLedger, TransferJob,
 };
 use super::workload::Workload;
 
@@ -138,14 +138,12 @@ impl Stats {
         Ok(())
     }
 
-    /// Window events of message `i` (after [`Stats::resolve_windows`]).
-    pub(crate) fn windows_of(&self, message: u32) -> u32 {
+    /// Window events per message (after [`Stats::resolve_windows`]).
+    pub(crate) fn windows_by_message(&self) -> BTreeMap<u32, u32> {
         self.windows_by_message
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&message)
-            .copied()
-            .unwrap_or(0)
+            .clone()
     }
 
     fn error(&self, what: String) {
@@ -561,6 +559,7 @@ impl<L: TransactionalLedger> Mode for TransactionalMode<L> {
             applications: Sabotage::applications(self.sabotage, i),
             die,
             died: Arc::clone(&died),
+            crash: CrashHook::default(),
         };
         let result = self.ledger.apply_once(job).await;
         if died.load(Ordering::Relaxed) {

@@ -127,6 +127,37 @@ pub(crate) enum DieInTransaction {
 #[derive(Debug)]
 pub(crate) struct SimulatedCrash;
 
+/// How a transactional handler dies when [`TransferJob::die`] says so: by default a
+/// [`SimulatedCrash`] panic (the store rolls the transaction back); in a consumer process of
+/// `verify --broker`, a hook that kills the whole process with SIGKILL in the middle of the
+/// transaction, which SQLite must then recover from.
+#[derive(Clone, Default)]
+pub(crate) struct CrashHook(Option<Arc<dyn Fn() + Send + Sync>>);
+
+impl CrashHook {
+    /// A hook that runs `die` (which should not return).
+    pub(crate) fn new(die: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(die)))
+    }
+
+    fn crash(&self) -> ! {
+        if let Some(die) = &self.0 {
+            die();
+        }
+        std::panic::panic_any(SimulatedCrash)
+    }
+}
+
+impl fmt::Debug for CrashHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "CrashHook(custom)"
+        } else {
+            "CrashHook(panic)"
+        })
+    }
+}
+
 /// One transfer for [`TransactionalLedger::apply_once`].
 #[derive(Clone, Debug)]
 pub(crate) struct TransferJob {
@@ -139,6 +170,8 @@ pub(crate) struct TransferJob {
     pub(crate) die: Option<DieInTransaction>,
     /// Set when the handler died as told by `die`.
     pub(crate) died: Arc<AtomicBool>,
+    /// How it dies.
+    pub(crate) crash: CrashHook,
 }
 
 /// A ledger whose writes commit in the same transaction as idem's record: transactional mode.
@@ -228,7 +261,7 @@ impl SqliteLedger {
 fn apply_in_transaction(conn: &Connection, run: &str, job: &TransferJob) -> rusqlite::Result<()> {
     if job.die == Some(DieInTransaction::BeforeWrites) {
         job.died.store(true, Ordering::Relaxed);
-        std::panic::panic_any(SimulatedCrash);
+        job.crash.crash();
     }
     let t = job.transfer;
     for _ in 0..job.applications {
@@ -245,7 +278,7 @@ fn apply_in_transaction(conn: &Connection, run: &str, job: &TransferJob) -> rusq
     }
     if job.die == Some(DieInTransaction::AfterWrites) {
         job.died.store(true, Ordering::Relaxed);
-        std::panic::panic_any(SimulatedCrash);
+        job.crash.crash();
     }
     Ok(())
 }

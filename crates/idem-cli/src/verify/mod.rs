@@ -11,7 +11,11 @@
 //!
 //! Every application of every transfer is counted in the ledger, so duplicates and losses are
 //! measured; [`report`] judges them and prints the table or the JSON. See `docs/verify.md`.
+//!
+//! With `--broker`, [`broker`] runs the same workload through a real broker instead of the
+//! harness, with consumer processes that are really killed, and the same report and checks.
 
+mod broker;
 mod consumer;
 mod faults;
 mod harness;
@@ -36,7 +40,7 @@ use self::ledger::{
     MemoryLedger, Sabotage, SimulatedCrash, Snapshot, SqliteLedger, TransactionalLedger,
 };
 use self::progress::Progress;
-use self::report::{ModeName, Report, RunReport, check};
+use self::report::{Measured, ModeName, Report, RunReport, check};
 use self::sql::{MysqlLedger, PostgresLedger};
 use self::workload::Workload;
 use crate::store_url::{OpenOptions, Opened, StoreUrl};
@@ -56,15 +60,15 @@ const DEFAULT_RATES: [(Fault, f64); 8] = [
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Transfer messages per mode.
-    #[arg(long, default_value_t = 100_000)]
-    messages: u32,
+    /// Transfer messages per mode [default: 100000; 3000 with --broker].
+    #[arg(long)]
+    messages: Option<u32>,
     /// Accounts in the ledger.
     #[arg(long, default_value_t = 1_000)]
     accounts: u32,
-    /// Competing consumers.
-    #[arg(long, default_value_t = 8)]
-    consumers: usize,
+    /// Competing consumers [default: 8; with --broker: 4 consumer processes].
+    #[arg(long)]
+    consumers: Option<usize>,
     /// Deliveries each consumer holds and processes at once.
     #[arg(long, default_value_t = 32)]
     prefetch: usize,
@@ -73,10 +77,31 @@ pub(crate) struct Args {
     seed: Option<u64>,
     /// Store of the store and transactional modes: `sqlite:PATH`, `postgres://…`, `mysql://…`,
     /// `redis://…` or `memory` (the last two: store mode only). PostgreSQL and MySQL runs work
-    /// in a scratch schema or tables of their own, dropped at the end. Default: a SQLite file
-    /// in a temporary directory.
+    /// in a scratch schema or tables of their own, dropped at the end. With --broker: SQLite,
+    /// or a networked store (store mode only). Default: a SQLite file in a temporary directory.
     #[arg(long, value_name = "URL")]
     store: Option<StoreUrl>,
+    /// Run the workload through a real broker instead of the in-process harness: `amqp`,
+    /// `nats`, `mqtt` or `redis` starts a private broker that verify restarts mid-run; a URL
+    /// (`amqp://…`, `nats://…`, `mqtt://…`, `redis://…`) uses that server (not restarted).
+    #[arg(long, value_name = "KIND|URL")]
+    broker: Option<String>,
+    /// With --broker: mean time between SIGKILLs of a random consumer process (0: none)
+    /// [default: 1500].
+    #[arg(long, value_name = "MS")]
+    kill_interval_ms: Option<u64>,
+    /// With --broker: mean time between cuts of every connection to the broker (0: none)
+    /// [default: 2000].
+    #[arg(long, value_name = "MS")]
+    cut_interval_ms: Option<u64>,
+    /// With --broker: restarts of a private broker per mode [default: 1].
+    #[arg(long, value_name = "N")]
+    broker_restarts: Option<u32>,
+    /// With --broker: how a private broker is restarted [default: kill for redis; term for
+    /// nats, mqtt and amqp, which lose or break confirmed messages when killed; see
+    /// docs/verify.md].
+    #[arg(long, value_enum)]
+    restart_signal: Option<broker::RestartSignal>,
     /// Start every fault rate at 0; the rate flags given still apply.
     #[arg(long)]
     no_faults: bool,
@@ -107,9 +132,11 @@ pub(crate) struct Args {
     /// Lease of store-mode claims, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     lease_ms: u64,
-    /// The harness's visibility timeout: an unacked delivery comes back after it.
-    #[arg(long, default_value_t = 500)]
-    visibility_timeout_ms: u64,
+    /// The harness's visibility timeout: an unacked delivery comes back after it; with
+    /// --broker, the NATS ack wait and the Redis claim idle time [default: 500; 2000 with
+    /// --broker].
+    #[arg(long)]
+    visibility_timeout_ms: Option<u64>,
     /// How long a slow handler takes [default: twice the visibility timeout or twice the
     /// lease, whichever is longer: only the heartbeat keeps its claim].
     #[arg(long)]
@@ -117,9 +144,10 @@ pub(crate) struct Args {
     /// How long a paused consumer freezes [default: the lease plus three visibility timeouts].
     #[arg(long)]
     pause_ms: Option<u64>,
-    /// Give up on a mode that has not finished after this many seconds.
-    #[arg(long, default_value_t = 300)]
-    timeout_s: u64,
+    /// Give up on a mode that has not finished after this many seconds [default: 300; 180
+    /// with --broker].
+    #[arg(long)]
+    timeout_s: Option<u64>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -174,19 +202,35 @@ struct Common {
     run_id: String,
 }
 
+pub(crate) use self::broker::{ChildArgs, run_child};
+
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    ensure!(args.messages > 0, "--messages must be at least 1");
+    if let Some(spec) = args.broker.clone() {
+        return broker::run(args, &spec).await;
+    }
+    for (given, flag) in [
+        (args.kill_interval_ms.is_some(), "--kill-interval-ms"),
+        (args.cut_interval_ms.is_some(), "--cut-interval-ms"),
+        (args.broker_restarts.is_some(), "--broker-restarts"),
+        (args.restart_signal.is_some(), "--restart-signal"),
+    ] {
+        ensure!(!given, "{flag} needs --broker");
+    }
+    let messages = args.messages.unwrap_or(100_000);
+    let consumers = args.consumers.unwrap_or(8);
+    let visibility_timeout_ms = args.visibility_timeout_ms.unwrap_or(500);
+    ensure!(messages > 0, "--messages must be at least 1");
     ensure!(args.accounts >= 2, "--accounts must be at least 2");
     ensure!(
-        args.consumers > 0 && args.prefetch > 0,
+        consumers > 0 && args.prefetch > 0,
         "--consumers and --prefetch must be at least 1"
     );
     ensure!(
-        args.lease_ms > 0 && args.visibility_timeout_ms > 0,
+        args.lease_ms > 0 && visibility_timeout_ms > 0,
         "--lease-ms and --visibility-timeout-ms must be positive"
     );
     let lease = Duration::from_millis(args.lease_ms);
-    let visibility_timeout = Duration::from_millis(args.visibility_timeout_ms);
+    let visibility_timeout = Duration::from_millis(visibility_timeout_ms);
     let stalls = Stalls {
         // Past the lease too, so that only the heartbeat keeps the claim.
         slow: args.slow_ms.map_or(
@@ -217,14 +261,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| StoreUrl::Sqlite(tmp.path().join("verify.db")));
     let run_id = format!("{:012x}", fastrand::u64(..) >> 16);
     let common = Common {
-        workload: Arc::new(Workload::generate(seed, args.messages, args.accounts)),
+        workload: Arc::new(Workload::generate(seed, messages, args.accounts)),
         plan: FaultPlan::new(seed, args.rates()),
-        consumers: args.consumers,
+        consumers,
         prefetch: args.prefetch,
         lease,
         visibility_timeout,
         stalls,
-        timeout: Duration::from_secs(args.timeout_s),
+        timeout: Duration::from_secs(args.timeout_s.unwrap_or(300)),
         sabotage: args.sabotage,
         run_id,
     };
@@ -263,14 +307,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let report = Report {
         ok: checks.iter().all(|c| c.ok),
         seed,
-        messages: u64::from(args.messages),
+        messages: u64::from(messages),
         accounts: args.accounts,
-        consumers: args.consumers,
+        consumers,
         store: url.to_string(),
         temporary_store: args.store.is_none(),
         runs,
         checks,
         skipped,
+        broker: None,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -355,7 +400,7 @@ async fn run_naive(common: &Common) -> RunReport {
     RunReport::new(
         ModeName::Naive,
         &common.workload,
-        &stats,
+        Measured::of(&stats),
         &ledger.snapshot(),
         elapsed,
         unacked,
@@ -406,7 +451,7 @@ async fn run_store<S: Store>(store: S, common: &Common) -> anyhow::Result<RunRep
     Ok(RunReport::new(
         ModeName::Store,
         &common.workload,
-        &stats,
+        Measured::of(&stats),
         &ledger.snapshot(),
         elapsed,
         unacked,
@@ -432,7 +477,7 @@ async fn run_transactional<L: TransactionalLedger>(
     Ok(RunReport::new(
         ModeName::Transactional,
         &common.workload,
-        &stats,
+        Measured::of(&stats),
         &snapshot,
         elapsed,
         unacked,

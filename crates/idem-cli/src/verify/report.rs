@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::consumer::{Stats, Window};
 use super::faults::Fault;
@@ -13,7 +13,7 @@ use super::ledger::Snapshot;
 use super::workload::Workload;
 
 /// The three modes, in the order they run and print.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum ModeName {
     Naive,
@@ -32,7 +32,7 @@ impl ModeName {
 }
 
 /// Window events by cause.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub(crate) struct WindowEvents {
     /// A crash aborted a delivery between its effect and its record.
     pub(crate) crashes: u64,
@@ -84,13 +84,96 @@ pub(crate) struct RunReport {
     pub(crate) outcomes: BTreeMap<&'static str, u64>,
     /// Failures of the harness itself (should be empty).
     pub(crate) errors: Vec<String>,
+    /// The real faults of a run through a broker (`--broker`); absent in the embedded run.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub(crate) broker: Option<BrokerFaults>,
+}
+
+/// What a run through a real broker did to it, beyond the consumers' own fault points.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub(crate) struct BrokerFaults {
+    /// Times the broker was stopped and started again while the run went on.
+    pub(crate) broker_restarts: u64,
+    /// Consumer processes killed with SIGKILL: at random times by `verify`, and by themselves
+    /// at their planned crash points (the `crash_*` faults).
+    pub(crate) consumer_kills: u64,
+    /// Of `consumer_kills`, those sent by `verify` at random times.
+    pub(crate) random_kills: u64,
+    /// Times every connection through `verify`'s proxy was cut (consumers and producers).
+    pub(crate) connection_drops: u64,
+    /// Publishes that failed (connection lost, no confirm) and were tried again with the same
+    /// message id: each may have stored a duplicate.
+    pub(crate) producer_retries: u64,
+    /// Publishes the broker confirmed: every original, every planned copy, and every retry
+    /// that the broker took.
+    pub(crate) published: u64,
+    /// Copies the broker itself recognised as duplicates and dropped (NATS `Nats-Msg-Id`).
+    pub(crate) broker_dropped_duplicates: u64,
+    /// Which of these faults the run had to see at least once (the others were turned off or
+    /// are impossible here, e.g. a broker that is not `verify`'s own cannot be restarted).
+    #[serde(skip)]
+    pub(crate) required: RequiredFaults,
+}
+
+/// Broker faults that must have happened for a run to count (see [`BrokerFaults::required`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RequiredFaults {
+    pub(crate) kills: bool,
+    pub(crate) restarts: bool,
+    pub(crate) drops: bool,
+}
+
+/// What a run measured besides the ledger: deliveries, windows, faults, outcomes. The embedded
+/// run takes it from its in-process counters ([`Measured::of`]); a run through a broker reads
+/// it from the consumer processes' logs.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Measured {
+    pub(crate) deliveries: u64,
+    pub(crate) duplicate_deliveries: u64,
+    pub(crate) window: WindowEvents,
+    /// Window events per message (transfer index), for the message-by-message check.
+    pub(crate) windows_by_message: BTreeMap<u32, u32>,
+    pub(crate) takeovers: u64,
+    pub(crate) consumer_restarts: u64,
+    pub(crate) dead_letters: u64,
+    pub(crate) faults: BTreeMap<&'static str, u64>,
+    pub(crate) outcomes: BTreeMap<&'static str, u64>,
+    pub(crate) errors: Vec<String>,
+    pub(crate) broker: Option<BrokerFaults>,
+}
+
+impl Measured {
+    /// The counters of an embedded run.
+    pub(crate) fn of(stats: &Stats) -> Self {
+        let faults = stats.faults.snapshot();
+        Self {
+            deliveries: stats.total_deliveries(),
+            duplicate_deliveries: stats.duplicate_deliveries(),
+            window: WindowEvents {
+                crashes: stats.windows(Window::Crash),
+                pause_takeovers: stats.windows(Window::PauseTakeover),
+                other: stats.windows(Window::Other),
+            },
+            windows_by_message: stats.windows_by_message(),
+            takeovers: stats.takeovers(),
+            consumer_restarts: stats.restarts(),
+            dead_letters: stats.dead_letters(),
+            faults: Fault::ALL
+                .iter()
+                .map(|&f| (f.name(), faults.get(f)))
+                .collect(),
+            outcomes: stats.outcomes(),
+            errors: stats.errors(),
+            broker: None,
+        }
+    }
 }
 
 impl RunReport {
     pub(crate) fn new(
         mode: ModeName,
         workload: &Workload,
-        stats: &Stats,
+        measured: Measured,
         snapshot: &Snapshot,
         elapsed: Duration,
         unacked: u64,
@@ -104,20 +187,18 @@ impl RunReport {
         let lost = applied.iter().filter(|&&a| a == 0).count() as u64;
         let duplicates_outside_windows = (0u32..)
             .zip(applied)
-            .map(|(i, &a)| u64::from(a.saturating_sub(1).saturating_sub(stats.windows_of(i))))
+            .map(|(i, &a)| {
+                let windows = measured.windows_by_message.get(&i).copied().unwrap_or(0);
+                u64::from(a.saturating_sub(1).saturating_sub(windows))
+            })
             .sum();
-        let window = WindowEvents {
-            crashes: stats.windows(Window::Crash),
-            pause_takeovers: stats.windows(Window::PauseTakeover),
-            other: stats.windows(Window::Other),
-        };
-        let faults = stats.faults.snapshot();
+        let window = measured.window;
         let messages = workload.transfers.len() as u64;
         Self {
             mode,
             messages,
-            deliveries: stats.total_deliveries(),
-            duplicate_deliveries: stats.duplicate_deliveries(),
+            deliveries: measured.deliveries,
+            duplicate_deliveries: measured.duplicate_deliveries,
             effects,
             duplicate_effects,
             lost,
@@ -131,15 +212,13 @@ impl RunReport {
             balances_exact: snapshot.balances == workload.balances(|_| 1),
             total_conserved: snapshot.balances.iter().sum::<i64>() == workload.total(),
             window,
-            takeovers: stats.takeovers(),
-            consumer_restarts: stats.restarts(),
-            dead_letters: stats.dead_letters(),
-            faults: Fault::ALL
-                .iter()
-                .map(|&f| (f.name(), faults.get(f)))
-                .collect(),
-            outcomes: stats.outcomes(),
-            errors: stats.errors(),
+            takeovers: measured.takeovers,
+            consumer_restarts: measured.consumer_restarts,
+            dead_letters: measured.dead_letters,
+            faults: measured.faults,
+            outcomes: measured.outcomes,
+            errors: measured.errors,
+            broker: measured.broker,
         }
     }
 }
@@ -173,6 +252,27 @@ pub(crate) fn check(run: &RunReport) -> Check {
         failures.push(
             "balances disagree with the applied transfers (a half-applied transfer)".to_owned(),
         );
+    }
+    if let Some(b) = &run.broker {
+        let required = b.required;
+        if required.kills && b.consumer_kills == 0 {
+            failures.push(
+                "no consumer process was killed: the kill fault did not work (raise \
+                 --messages or lower --kill-interval-ms)"
+                    .to_owned(),
+            );
+        }
+        if required.restarts && b.broker_restarts == 0 {
+            failures
+                .push("the broker was never restarted: the restart fault did not work".to_owned());
+        }
+        if required.drops && b.connection_drops == 0 {
+            failures.push(
+                "no connection was dropped: the connection fault did not work (lower \
+                 --cut-interval-ms)"
+                    .to_owned(),
+            );
+        }
     }
     let (dup, lost, win) = (run.duplicate_effects, run.lost, run.window_events);
     let summary = match run.mode {
@@ -249,6 +349,30 @@ pub(crate) struct Report {
     pub(crate) checks: Vec<Check>,
     /// Modes that could not run on this store, with the reason.
     pub(crate) skipped: Vec<String>,
+    /// The broker of a `--broker` run; absent in the embedded run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) broker: Option<BrokerInfo>,
+}
+
+/// Which broker a `--broker` run went through, and what could be done to it.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct BrokerInfo {
+    /// `amqp`, `nats`, `mqtt` or `redis`.
+    pub(crate) kind: &'static str,
+    /// The broker's URL (password redacted).
+    pub(crate) url: String,
+    /// Whether `verify` started the broker itself (a private instance on a free port).
+    pub(crate) private: bool,
+    /// How the broker was restarted (`SIGKILL`, `SIGTERM`), or `null` when it could not be.
+    pub(crate) restart: Option<&'static str>,
+    /// What a reader should know: why no restart was possible, what the restart loses.
+    pub(crate) note: String,
+    /// Consumer processes per mode.
+    pub(crate) consumer_processes: usize,
+    /// Totals over the modes.
+    pub(crate) broker_restarts: u64,
+    pub(crate) consumer_kills: u64,
+    pub(crate) connection_drops: u64,
 }
 
 impl Report {
@@ -269,6 +393,26 @@ impl Report {
                 ""
             }
         );
+        if let Some(b) = &self.broker {
+            let restart = b.restart.map_or_else(
+                || "no restarts".to_owned(),
+                |how| format!("restarted with {how}"),
+            );
+            let _ = writeln!(
+                out,
+                "broker: {} {} ({}, {}); {} consumer processes per mode\n{}\n",
+                b.kind,
+                b.url,
+                if b.private {
+                    "private instance"
+                } else {
+                    "given server"
+                },
+                restart,
+                b.consumer_processes,
+                b.note
+            );
+        }
         let _ = writeln!(
             out,
             "{:<13} {:>9} {:>10} {:>11} {:>9} {:>11} {:>6} {:>7} {:>9}",
@@ -298,18 +442,54 @@ impl Report {
             );
         }
         let _ = writeln!(out, "\nfaults injected:");
+        // A run through a broker has no simulated lost acks, pauses...: only the faults some
+        // run knows get a column.
+        let faults: Vec<Fault> = Fault::ALL
+            .into_iter()
+            .filter(|f| self.runs.iter().any(|r| r.faults.contains_key(f.name())))
+            .collect();
         let _ = write!(out, "{:<13}", "mode");
-        for f in Fault::ALL {
+        for f in &faults {
             let _ = write!(out, " {:>w$}", f.header(), w = f.header().len().max(5));
         }
         let _ = writeln!(out);
         for r in &self.runs {
             let _ = write!(out, "{:<13}", r.mode.as_str());
-            for f in Fault::ALL {
+            for f in &faults {
                 let n = r.faults.get(f.name()).copied().unwrap_or(0);
                 let _ = write!(out, " {:>w$}", n, w = f.header().len().max(5));
             }
             let _ = writeln!(out);
+        }
+        if self.runs.iter().any(|r| r.broker.is_some()) {
+            let _ = writeln!(
+                out,
+                "\nbroker faults:\n{:<13} {:>14} {:>12} {:>16} {:>15} {:>16} {:>9} {:>14}",
+                "mode",
+                "consumer kills",
+                "random kills",
+                "connection drops",
+                "broker restarts",
+                "producer retries",
+                "published",
+                "broker dropped"
+            );
+            for r in &self.runs {
+                if let Some(b) = &r.broker {
+                    let _ = writeln!(
+                        out,
+                        "{:<13} {:>14} {:>12} {:>16} {:>15} {:>16} {:>9} {:>14}",
+                        r.mode.as_str(),
+                        b.consumer_kills,
+                        b.random_kills,
+                        b.connection_drops,
+                        b.broker_restarts,
+                        b.producer_retries,
+                        b.published,
+                        b.broker_dropped_duplicates
+                    );
+                }
+            }
         }
         let _ = writeln!(out, "\nchecks:");
         for c in &self.checks {
@@ -370,6 +550,7 @@ mod tests {
             faults: BTreeMap::new(),
             outcomes: BTreeMap::new(),
             errors: Vec::new(),
+            broker: None,
         }
     }
 
@@ -407,6 +588,42 @@ mod tests {
         assert!(check(&run(ModeName::Naive, 5, 0, 0)).ok);
         let c = check(&run(ModeName::Naive, 0, 0, 0));
         assert!(!c.ok && c.detail.contains("fault injection did not work"));
+    }
+
+    #[test]
+    fn a_broker_run_fails_when_a_required_fault_never_happened() {
+        let with = |kills, restarts, drops, required| {
+            let mut r = run(ModeName::Store, 0, 0, 0);
+            r.broker = Some(BrokerFaults {
+                broker_restarts: restarts,
+                consumer_kills: kills,
+                connection_drops: drops,
+                required,
+                ..BrokerFaults::default()
+            });
+            check(&r)
+        };
+        let all = RequiredFaults {
+            kills: true,
+            restarts: true,
+            drops: true,
+        };
+        assert!(with(3, 1, 2, all).ok);
+        let c = with(0, 1, 2, all);
+        assert!(!c.ok && c.detail.contains("no consumer process was killed"));
+        let c = with(3, 0, 2, all);
+        assert!(
+            !c.ok && c.detail.contains("never restarted"),
+            "{}",
+            c.detail
+        );
+        assert!(!with(3, 1, 0, all).ok);
+        // A given server cannot be restarted: not required, not failed.
+        let given = RequiredFaults {
+            restarts: false,
+            ..all
+        };
+        assert!(with(3, 0, 2, given).ok);
     }
 
     #[test]
