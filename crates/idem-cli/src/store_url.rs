@@ -61,21 +61,36 @@ impl FromStr for StoreUrl {
     }
 }
 
-/// Parses `--store` values for clap. Clap's own error for a `FromStr` type repeats the raw value,
-/// password included; this one says only what [`StoreUrl::from_str`] says, which is redacted.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct StoreUrlParser;
+/// Parses a URL-valued option for clap. Clap's own error for a `FromStr` type repeats the raw
+/// value, password included; this one says only what `T::from_str` says, which names the URL
+/// redacted. Used by `--store` and `--from`.
+pub(crate) struct RedactingParser<T>(std::marker::PhantomData<fn() -> T>);
 
-impl clap::builder::TypedValueParser for StoreUrlParser {
-    type Value = StoreUrl;
+impl<T> RedactingParser<T> {
+    pub(crate) fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T> Clone for RedactingParser<T> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<T> clap::builder::TypedValueParser for RedactingParser<T>
+where
+    T: FromStr<Err = anyhow::Error> + Clone + Send + Sync + 'static,
+{
+    type Value = T;
 
     fn parse_ref(
         &self,
         cmd: &clap::Command,
         arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
-    ) -> Result<StoreUrl, clap::Error> {
-        let name = arg.map_or_else(|| "--store".to_owned(), ToString::to_string);
+    ) -> Result<T, clap::Error> {
+        let name = arg.map_or_else(|| "the URL".to_owned(), ToString::to_string);
         let fail = |message: String| {
             clap::Error::raw(
                 clap::error::ErrorKind::ValueValidation,
@@ -85,16 +100,16 @@ impl clap::builder::TypedValueParser for StoreUrlParser {
         };
         let text = value
             .to_str()
-            .ok_or_else(|| fail("the store URL is not UTF-8".to_owned()))?;
+            .ok_or_else(|| fail("the URL is not UTF-8".to_owned()))?;
         text.parse().map_err(|e: anyhow::Error| fail(e.to_string()))
     }
 }
 
 impl clap::builder::ValueParserFactory for StoreUrl {
-    type Parser = StoreUrlParser;
+    type Parser = RedactingParser<StoreUrl>;
 
     fn value_parser() -> Self::Parser {
-        StoreUrlParser
+        RedactingParser::new()
     }
 }
 

@@ -103,40 +103,11 @@ impl fmt::Debug for BrokerUrl {
     }
 }
 
-/// Parses `--from` for clap. Clap's own error for a `FromStr` type repeats the raw value,
-/// password included; this one says only what [`BrokerUrl::from_str`] says, which is redacted.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct BrokerUrlParser;
-
-impl clap::builder::TypedValueParser for BrokerUrlParser {
-    type Value = BrokerUrl;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<BrokerUrl, clap::Error> {
-        let name = arg.map_or_else(|| "--from".to_owned(), ToString::to_string);
-        let fail = |message: String| {
-            clap::Error::raw(
-                clap::error::ErrorKind::ValueValidation,
-                format!("invalid value for {name}: {message}\n"),
-            )
-            .with_cmd(cmd)
-        };
-        let text = value
-            .to_str()
-            .ok_or_else(|| fail("the broker URL is not UTF-8".to_owned()))?;
-        text.parse().map_err(|e: anyhow::Error| fail(e.to_string()))
-    }
-}
-
 impl clap::builder::ValueParserFactory for BrokerUrl {
-    type Parser = BrokerUrlParser;
+    type Parser = crate::store_url::RedactingParser<BrokerUrl>;
 
     fn value_parser() -> Self::Parser {
-        BrokerUrlParser
+        crate::store_url::RedactingParser::new()
     }
 }
 
