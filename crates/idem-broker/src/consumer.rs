@@ -352,8 +352,14 @@ where
         let mut receive_failures = 0u32;
         let mut fatal = None;
         loop {
+            let mut panicked = false;
             while let Some(done) = tasks.try_join_next() {
-                log_task_end(done);
+                panicked |= log_task_end(done);
+            }
+            if panicked {
+                // A batch task that panicked left its claims behind: release them now rather
+                // than make their redeliveries wait out the lease.
+                release_abandoned(&shared).await;
             }
             let permit = tokio::select! {
                 biased;
@@ -399,7 +405,7 @@ where
         tracing::info!(in_flight = tasks.len(), "consumer stopping");
         let drained = tokio::time::timeout(settings.shutdown_grace, async {
             while let Some(done) = tasks.join_next().await {
-                log_task_end(done);
+                let _ = log_task_end(done);
             }
         })
         .await;
@@ -413,8 +419,9 @@ where
             // An aborted task's future is dropped before `join_next` reports it, so every
             // round's claims are in `abandoned` once this loop ends.
             while tasks.join_next().await.is_some() {}
-            release_abandoned(&shared).await;
         }
+        // Abandoned by the grace's end, or by a task that panicked while draining.
+        release_abandoned(&shared).await;
         source.close().await;
         match fatal {
             Some(e) => Err(e),
@@ -423,14 +430,17 @@ where
     }
 }
 
-fn log_task_end(done: Result<(), tokio::task::JoinError>) {
+/// Logs a batch task's end; returns whether it panicked.
+fn log_task_end(done: Result<(), tokio::task::JoinError>) -> bool {
     if let Err(e) = done
         && e.is_panic()
     {
         // Handler panics are caught; this is a bug in the runtime or an adapter. The batch's
         // deliveries were not settled and go back to the broker.
         tracing::error!(error = %e, "a batch task panicked");
+        return true;
     }
+    false
 }
 
 /// A delivery's message on its way through a batch; the delivery itself stays in the batch's
@@ -715,16 +725,28 @@ async fn with_progress<A: Acker, T>(
     let Some(every) = acker.progress_interval() else {
         return work.await;
     };
+    use futures_util::FutureExt as _;
+    use futures_util::future::{Fuse, FusedFuture as _};
     let mut work = pin!(work);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A report runs beside the work, never instead of it: while it waits on the broker, the
+    // handlers, their heartbeats and their timeouts keep going. At most one at a time, and no
+    // longer than the interval.
+    let mut report = pin!(Fuse::terminated());
     loop {
         tokio::select! {
             biased;
             out = &mut work => return out,
-            _ = ticker.tick() => {
-                if let Err(e) = acker.progress(deliveries).await {
+            sent = &mut report, if !report.is_terminated() => match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "could not report progress to the broker");
                 }
+                Err(_) => tracing::warn!("a progress report took longer than its interval"),
+            },
+            _ = ticker.tick(), if report.is_terminated() => {
+                report.set(tokio::time::timeout(every, acker.progress(deliveries)).fuse());
             }
         }
     }

@@ -478,6 +478,45 @@ async fn a_deleted_stream_does_not_stop_the_consumer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_destroyed_over_a_kept_stream_stops_the_consumer_clearly() {
+    // Re-creating the group at the start of a kept stream would read every entry again, and
+    // entries older than the store's retention would run their effects twice: the consumer
+    // must stop with a configuration error that says so, not re-read.
+    let Some(url) = url() else { return };
+    let stream = unique("destroyed");
+    let source = RedisStreamSource::connect(&url, config(&stream, "c1"))
+        .await
+        .unwrap();
+    let producer = RedisStreamProducer::connect(&url).await.unwrap();
+    for m in &numbered(5) {
+        producer.publish(&stream, m).await.unwrap();
+    }
+    let ledger = Ledger::default();
+    let (store, _dir) = sqlite_store();
+    let (stats, running) = start(Consumer::new(
+        source,
+        Executor::new(store),
+        ns(),
+        ledger.handler(),
+    ));
+    until(30, "the five", || stats.snapshot().acked == 5).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg(config(&stream, "c1").group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = running.ended_within(30).await.unwrap_err();
+    assert_eq!(err.kind(), idem_broker::BrokerErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("destroyed"), "{err}");
+    assert_eq!(ledger.len(), 5, "nothing was read again");
+    cleanup(&url, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_loading_its_dataset_after_a_restart_does_not_stop_the_consumer() {
     // The bug: while a restarted Redis loads its dataset it answers `LOADING` (and during a
     // failover `MASTERDOWN`, `READONLY`, ...); these were mapped to a non-transient protocol

@@ -21,9 +21,12 @@
 //!   and are claimed again after `claim_idle`. Replies that clear by themselves (`LOADING` while
 //!   a restarted Redis loads its dataset, `BUSY`, `MASTERDOWN`, `READONLY`, `TRYAGAIN`,
 //!   `CLUSTERDOWN`, `OOM`) are connection errors: the runtime backs off and retries.
-//! - **A vanished group** (`NOGROUP`: the stream was deleted, expired or flushed, or the group
-//!   destroyed) is created again at the start of the stream, and consuming goes on. Over a kept
-//!   stream this re-reads entries already processed: the store replays them.
+//! - **A vanished stream** (`NOGROUP` after the stream was deleted, expired or flushed): the
+//!   group is created again and consuming goes on with what the stream receives from then on.
+//!   A group destroyed over a **kept** stream stops the consumer with a `Config` error instead:
+//!   re-creating it at the start would read every entry again, and entries older than the
+//!   store's retention would run their effects twice; the operator recreates the group at the
+//!   right id.
 //!
 //! Entries carry the payload in the field `payload` and the producer's id in `message-id`; other
 //! fields become headers. Never key on the entry id: a producer retry of `XADD` creates a new

@@ -135,11 +135,26 @@ impl RedisStreamSource {
         )
     }
 
-    /// Re-creates the consumer group after Redis said it is gone (`NOGROUP`): the stream was
-    /// deleted, expired or flushed, or an operator destroyed the group. Consuming resumes from
-    /// the start of what the stream holds now; entries already processed there (a destroyed
-    /// group over a kept stream) are replayed from the store, not run again.
+    /// Re-creates the consumer group after Redis said it is gone (`NOGROUP`), when the stream
+    /// is gone too (deleted, expired or flushed): consuming resumes from the start of what it
+    /// holds from now on. A group destroyed over a kept stream is an error instead: creating it
+    /// again would read every entry again, and those older than the store's retention would
+    /// run their effects a second time.
     async fn recreate_group(&mut self, cause: redis::RedisError) -> Result<(), BrokerError> {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&self.config.stream)
+            .query_async(&mut self.commands)
+            .await
+            .map_err(|e| redis_error("checking the stream after NOGROUP", e))?;
+        if exists {
+            return Err(BrokerError::config(format!(
+                "the consumer group {:?} of stream {:?} was destroyed while the stream was kept \
+                 ({cause}); re-creating it would read every entry again, so this consumer \
+                 stops: create the group at the right id (XGROUP CREATE … <id>) and start it \
+                 again",
+                self.config.group, self.config.stream
+            )));
+        }
         tracing::warn!(
             stream = %self.config.stream,
             group = %self.config.group,

@@ -270,6 +270,20 @@ where
 }
 
 impl Running {
+    /// Waits up to `secs` for the consumer to stop by itself; returns its result.
+    pub async fn ended_within(
+        self,
+        secs: u64,
+    ) -> Result<idem_broker::StatsSnapshot, idem_broker::BrokerError> {
+        let Running { stop, handle } = self;
+        let out = tokio::time::timeout(std::time::Duration::from_secs(secs), handle)
+            .await
+            .expect("the consumer did not stop by itself")
+            .unwrap();
+        drop(stop);
+        out
+    }
+
     /// Shuts the consumer down gracefully and returns its counters.
     pub async fn stop(self) -> idem_broker::StatsSnapshot {
         let _ = self.stop.send(());

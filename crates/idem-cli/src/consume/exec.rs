@@ -133,12 +133,30 @@ impl Exec {
                 }
                 // Dropping stdin closes it: the command sees the end of the payload.
             };
-            let wait = async {
-                let status = child.wait().await;
-                group.reaped();
-                status
+            let mut io = std::pin::pin!(async { tokio::join!(feed, read_bounded(stdout, limit)) });
+            let mut io_done = None;
+            let status = loop {
+                tokio::select! {
+                    done = &mut io, if io_done.is_none() => io_done = Some(done),
+                    status = child.wait() => break status,
+                }
             };
-            tokio::join!(feed, read_bounded(stdout, limit), wait)
+            group.reaped();
+            let (fed, output) = match io_done {
+                Some(done) => done,
+                // The command exited, but something it started in the background still holds
+                // its stdin or stdout: its exit status is the result. The holders are killed
+                // (the group cannot have been reused: they are still in it) and what was
+                // written is read to the end.
+                None => match tokio::time::timeout(LEFTOVER_WAIT, &mut io).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        group.kill_leftovers();
+                        io.await
+                    }
+                },
+            };
+            (fed, output, status)
         };
         match tokio::time::timeout(self.timeout, work).await {
             Ok((fed, output, status)) => {
@@ -267,6 +285,10 @@ pub(crate) fn acquisition(a: Acquisition) -> &'static str {
 
 /// Kills a command's process group: on timeout, or when its future is dropped (the shutdown
 /// grace ended) before the command was reaped. Never after: the group id could be reused.
+/// How long the output of a command that exited may take to end before what it left running
+/// in the background is killed.
+const LEFTOVER_WAIT: Duration = Duration::from_secs(1);
+
 struct GroupKiller {
     pgid: Option<rustix::process::Pid>,
     reaped: AtomicBool,
@@ -290,6 +312,12 @@ impl GroupKiller {
         if self.reaped.load(Ordering::Acquire) {
             return;
         }
+        self.kill_leftovers();
+    }
+
+    /// Kills the group even after its leader was reaped: only when a member is known to be
+    /// alive (it holds one of our pipes open), which keeps the group's id from being reused.
+    fn kill_leftovers(&self) {
         if let Some(pgid) = self.pgid {
             // ESRCH: the group is already gone.
             let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
@@ -411,6 +439,47 @@ mod tests {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the grandchild {} survived the timeout",
+                pid.trim()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A command that succeeded but left a background process holding its stdout: its exit
+    /// status decides (not a timeout that would run its effect again), and the leftover is
+    /// killed.
+    #[tokio::test]
+    async fn a_command_that_leaves_a_background_process_succeeds_once() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let pidfile = dir.path().join("pid");
+        let e = exec(
+            &format!(
+                "sh -c 'sleep 30 & echo $! > {}; echo ok'",
+                pidfile.display()
+            ),
+            Duration::from_secs(20),
+        );
+        let started = std::time::Instant::now();
+        match run_once(&e, &Message::new("q", &b""[..]), 1024).await {
+            Outcome::Executed(out) => assert_eq!(&out[..], b"ok\n"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited for the background process: {:?}",
+            started.elapsed()
+        );
+        let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{e}"));
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&stat).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the background process {} survived",
                 pid.trim()
             );
             std::thread::sleep(Duration::from_millis(20));

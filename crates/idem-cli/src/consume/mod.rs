@@ -146,7 +146,7 @@ pub(crate) struct Args {
     max_attempts: u32,
     /// How long a claim is honoured: while a command runs the lease is extended every third of
     /// it; if the sidecar dies, redeliveries of its messages wait at most this long.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_lease)]
     lease: Duration,
     /// How long a processed key is remembered. Must exceed the broker's redelivery horizon
     /// (ack wait x redeliveries, replays): after it, a copy is processed again.
@@ -209,7 +209,24 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => 86_400_000,
         _ => return Err(bad()),
     };
+    if n == 0 {
+        // A zero lease makes every claim expired at once (two consumers both run the effect),
+        // a zero retention forgets every key, a zero timeout fails every attempt.
+        return Err(format!("invalid duration {s:?}: must be more than 0"));
+    }
     n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
+}
+
+/// Parses `--lease`: at least a second, so that the heartbeat (every third of it) and a store
+/// round trip fit in it.
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let lease = parse_duration(s)?;
+    if lease < Duration::from_secs(1) {
+        return Err(format!(
+            "lease {s:?} is too short: at least 1s, or claims expire while their command runs"
+        ));
+    }
+    Ok(lease)
 }
 
 /// A failed attempt, as the runtime records it (and as the dead-letter reason says, once
@@ -428,6 +445,11 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for zero in ["0", "0s", "0ms", "0d"] {
+            assert!(parse_duration(zero).is_err(), "{zero}");
+        }
+        assert!(parse_lease("500ms").is_err());
+        assert_eq!(parse_lease("2s"), Ok(Duration::from_secs(2)));
         for bad in ["", "s", "1.5s", "-1s", "3 weeks", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }

@@ -157,7 +157,9 @@ impl Ctx {
 pub(crate) async fn run(args: ChildArgs) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(&args.spec)
         .with_context(|| format!("reading {}", args.spec.display()))?;
-    let spec: ConsumerSpec = serde_json::from_str(&text).context("parsing the consumer spec")?;
+    let mut spec: ConsumerSpec =
+        serde_json::from_str(&text).context("parsing the consumer spec")?;
+    spec.store = std::env::var(super::fleet::STORE_ENV).unwrap_or_default();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("IDEM_LOG")

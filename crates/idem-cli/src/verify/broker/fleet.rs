@@ -33,9 +33,15 @@ struct Slot {
 }
 
 /// The consumer processes of one mode.
+/// The environment variable that gives a consumer process its store.
+pub(crate) const STORE_ENV: &str = "IDEM_VERIFY_STORE";
+
 pub(crate) struct Fleet {
     exe: PathBuf,
     spec: PathBuf,
+    /// The consumers' store, passed in their environment (`IDEM_VERIFY_STORE`), never written
+    /// to disk: a store URL may hold a password.
+    store: String,
     dir: PathBuf,
     prefix: String,
     slots: Vec<Slot>,
@@ -59,6 +65,7 @@ impl Fleet {
     /// `prefix`.
     pub(crate) fn start(
         spec: &Path,
+        store: &str,
         dir: &Path,
         prefix: &str,
         slots: usize,
@@ -68,6 +75,7 @@ impl Fleet {
         let mut fleet = Self {
             exe: std::env::current_exe().context("finding the idem executable")?,
             spec: spec.to_owned(),
+            store: store.to_owned(),
             dir: dir.to_owned(),
             prefix: prefix.to_owned(),
             slots: (0..slots)
@@ -108,6 +116,7 @@ impl Fleet {
             std::fs::File::create(&err).with_context(|| format!("creating {}", err.display()))?;
         tally.watch(incarnation, log.clone());
         let mut child = Command::new(&self.exe)
+            .env(STORE_ENV, &self.store)
             .arg("__verify-consumer")
             .arg("--spec")
             .arg(&self.spec)

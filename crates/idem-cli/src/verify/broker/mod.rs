@@ -444,6 +444,7 @@ async fn run_mode(
     let mode_seed = env.seed.wrapping_add(mode as u64 + 1);
     let mut fleet = Fleet::start(
         &spec_path,
+        &spec.store,
         &env.dir,
         mode.as_str(),
         env.consumers,

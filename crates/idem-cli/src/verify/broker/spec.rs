@@ -199,7 +199,7 @@ impl Settings {
 }
 
 /// Everything a consumer process needs, written by `verify` to a file in its temporary
-/// directory (it may hold credentials) and read by `idem __verify-consumer --spec FILE`.
+/// directory and read by `idem __verify-consumer --spec FILE`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct ConsumerSpec {
     pub(crate) kind: BrokerKind,
@@ -207,7 +207,9 @@ pub(crate) struct ConsumerSpec {
     pub(crate) url: String,
     pub(crate) names: Names,
     pub(crate) mode: ModeName,
-    /// Store mode: the store URL; transactional mode: the SQLite file's path.
+    /// Store mode: the store URL; transactional mode: the SQLite file's path. Not written to
+    /// the file (a URL may hold a password): it travels in the consumer's environment.
+    #[serde(skip)]
     pub(crate) store: String,
     pub(crate) run_id: String,
     pub(crate) seed: u64,
