@@ -427,22 +427,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(5));
-        let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{e}"));
-        let stat = format!("/proc/{}/stat", pid.trim());
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        // Gone, or a zombie waiting for a reaper that is not ours.
-        while std::fs::read_to_string(&stat).is_ok_and(|s| {
-            !s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        }) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the grandchild {} survived the timeout",
-                pid.trim()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert_killed(&pidfile, "the grandchild");
     }
 
     /// A command that succeeded but left a background process holding its stdout: its exit
@@ -469,7 +454,13 @@ mod tests {
             "waited for the background process: {:?}",
             started.elapsed()
         );
-        let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{e}"));
+        assert_killed(&pidfile, "the background process");
+    }
+
+    /// Waits until the process whose pid is in `pidfile` is gone, or a zombie waiting for a
+    /// reaper that is not ours.
+    fn assert_killed(pidfile: &Path, what: &str) {
+        let pid = std::fs::read_to_string(pidfile).unwrap_or_else(|e| panic!("{e}"));
         let stat = format!("/proc/{}/stat", pid.trim());
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::fs::read_to_string(&stat).is_ok_and(|s| {
@@ -479,7 +470,7 @@ mod tests {
         }) {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the background process {} survived",
+                "{what} ({}) survived",
                 pid.trim()
             );
             std::thread::sleep(Duration::from_millis(20));
