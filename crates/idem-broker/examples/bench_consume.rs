@@ -21,11 +21,16 @@
 //!   - `raw-multiple-ack` (RabbitMQ): one `basic.ack(multiple = true)` per 64 deliveries;
 //!     `raw-async-ack` (JetStream): plain `+ACK`s, not waiting for the server. These are the
 //!     cheapest hand-written consumers, with weaker guarantees (a lost `+ACK` is not noticed);
-//! - `idem-memory` / `idem-sqlite` / `idem-redis`: [`Consumer`] with a no-op handler over
-//!   `MemoryStore` / a SQLite file in a temporary directory (`synchronous=NORMAL`) / the Redis
-//!   store (`IDEM_REDIS_URL`, default `redis://127.0.0.1:6379`, keys under a prefix of the
-//!   round, deleted afterwards), `--batch` (64) deliveries per batch, `--concurrency` (4)
-//!   batches in flight, the same prefetch.
+//! - `idem-memory` / `idem-sqlite` / `idem-redis` / `idem-postgres`: [`Consumer`] in store mode
+//!   with a no-op handler over `MemoryStore` / a SQLite file in a temporary directory
+//!   (`synchronous=NORMAL`) / the Redis store (`IDEM_REDIS_URL`, default
+//!   `redis://127.0.0.1:6379`, keys under a prefix of the round, deleted afterwards) / the
+//!   PostgreSQL store (`IDEM_POSTGRES_URL`, a schema of the round's own, dropped afterwards),
+//!   `--batch` (64) deliveries per batch, `--concurrency` (4) batches in flight, the same
+//!   prefetch;
+//! - `idem-sqlite-tx` / `idem-postgres-tx`: [`Consumer::transactional`], whose handler inserts
+//!   one row per message in the transaction that records it (so it does more than the no-op
+//!   handlers above: the effect itself).
 //!
 //! The clock starts once connected (the queue full) and stops when the last message is acked.
 //! To profile one mode's drain only (system-wide, the broker included):
@@ -40,7 +45,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
-use idem::{Attempt, Executor, MemoryStore, Namespace, Store};
+use idem::{Attempt, Config, Executor, MemoryStore, Namespace, Store, Transactional, TxFuture};
 use idem_broker::{Consumer, Message, Source};
 use idem_redis::RedisStore;
 use idem_sqlite::SqliteStore;
@@ -138,6 +143,8 @@ async fn main() -> anyhow::Result<()> {
         std::env::var("IDEM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
     let redis =
         std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let postgres = std::env::var("IDEM_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     for round in 1..=args.rounds {
         for &broker in &args.brokers {
             let url = match broker {
@@ -191,7 +198,65 @@ async fn main() -> anyhow::Result<()> {
                         delete_prefix(&store, &prefix).await?;
                         elapsed?
                     }
-                    other => anyhow::bail!("unknown store {other} (memory, sqlite, redis)"),
+                    "sqlite-tx" => {
+                        let dir = tempfile::tempdir()?;
+                        let path = dir.path().join("bench.db");
+                        rusqlite::Connection::open(&path)?
+                            .execute_batch("CREATE TABLE effects (id TEXT NOT NULL)")?;
+                        let store = SqliteStore::open(&path)?;
+                        idem_tx_run(
+                            broker,
+                            url,
+                            &target,
+                            &args,
+                            store,
+                            |m: &Message, conn: &mut rusqlite::Connection| {
+                                let id = m.message_id().unwrap_or("").to_owned();
+                                Box::pin(async move {
+                                    conn.prepare_cached("INSERT INTO effects (id) VALUES (?1)")?
+                                        .execute([id])
+                                        .map(drop)
+                                })
+                            },
+                        )
+                        .await?
+                    }
+                    "postgres" | "postgres-tx" => {
+                        let schema = format!("bench_{}", name.replace('-', "_"));
+                        let pg = PgSchema::create(&postgres, &schema).await?;
+                        let transactional = store == "postgres-tx";
+                        let store = idem_postgres::PostgresStore::builder(postgres.as_str())
+                            .schema(schema.as_str())
+                            .connect()
+                            .await?;
+                        let insert: Arc<str> =
+                            format!("INSERT INTO {schema}.effects (id) VALUES ($1)").into();
+                        let elapsed = if transactional {
+                            idem_tx_run(
+                                broker,
+                                url,
+                                &target,
+                                &args,
+                                store,
+                                move |m: &Message, tx: &mut idem_postgres::TxClient| {
+                                    let id = m.message_id().unwrap_or("").to_owned();
+                                    let insert = Arc::clone(&insert);
+                                    Box::pin(
+                                        async move { tx.execute(&*insert, &[&id]).await.map(drop) },
+                                    )
+                                },
+                            )
+                            .await
+                        } else {
+                            idem_run(broker, url, &target, &args, store).await
+                        };
+                        pg.drop().await;
+                        elapsed?
+                    }
+                    other => anyhow::bail!(
+                        "unknown store {other} (memory, sqlite, redis, postgres, sqlite-tx, \
+                         postgres-tx)"
+                    ),
                 };
                 cleanup(broker, url, &target).await;
                 let mode = format!("idem-{store}");
@@ -228,28 +293,23 @@ fn perf_ctl(command: &str) {
 
 /// Deletes the Redis store's records of a round.
 async fn delete_prefix(store: &RedisStore, prefix: &str) -> anyhow::Result<()> {
-    let mut conn = store.connection();
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = idem_redis::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = idem_redis::redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
+    let keys = store.scan_keys(&format!("{prefix}*")).await?;
+    let conn = store.connection();
+    // One key per command, sent concurrently: a Redis Cluster refuses a command over keys of
+    // several slots, and sends a pipeline to one node.
+    for chunk in keys.chunks(1000) {
+        let unlinks = chunk.iter().map(|k| {
+            let mut conn = conn.clone();
+            async move {
+                idem_redis::redis::cmd("UNLINK")
+                    .arg(k)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            }
+        });
+        futures_util::future::try_join_all(unlinks).await?;
     }
+    Ok(())
 }
 
 /// Fills a new queue or stream with `n` messages; returns its name.
@@ -515,8 +575,83 @@ async fn idem_run<S: Store>(
     }
 }
 
-async fn drain<Src: Source, S: Store, H: idem_broker::Handler>(
-    consumer: Consumer<Src, S, H>,
+/// Transactional mode: `handler` writes one row per message in the transaction that records it.
+async fn idem_tx_run<S, H, E>(
+    broker: Broker,
+    url: &str,
+    target: &str,
+    args: &Args,
+    store: S,
+    handler: H,
+) -> anyhow::Result<Duration>
+where
+    S: Transactional,
+    H: for<'a> Fn(&'a Message, &'a mut S::Tx) -> TxFuture<'a, (), E> + Send + Sync + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let ns = Namespace::new("bench")?;
+    let config = Config::default();
+    match broker {
+        Broker::Amqp => {
+            let source = idem_broker::amqp::AmqpSource::connect(
+                url,
+                idem_broker::amqp::AmqpConfig::new(target).prefetch(PREFETCH),
+            )
+            .await?;
+            drain(
+                Consumer::transactional(source, store, config, ns, handler),
+                args,
+            )
+            .await
+        }
+        Broker::Nats => {
+            let stream = target.to_owned();
+            let subject = format!("{}.>", stream.to_lowercase());
+            let mut nats = idem_broker::nats::NatsConfig::new(&stream, &subject, "c");
+            nats.pull_batch = usize::from(PREFETCH);
+            let source = idem_broker::nats::NatsSource::connect(url, nats).await?;
+            drain(
+                Consumer::transactional(source, store, config, ns, handler),
+                args,
+            )
+            .await
+        }
+    }
+}
+
+/// A PostgreSQL schema of one round: idem's table and an effects table, dropped afterwards.
+struct PgSchema {
+    client: tokio_postgres::Client,
+    schema: String,
+}
+
+impl PgSchema {
+    async fn create(url: &str, schema: &str) -> anyhow::Result<PgSchema> {
+        idem_postgres::PostgresStore::builder(url)
+            .schema(schema)
+            .migrate()
+            .await?;
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE TABLE {schema}.effects (id TEXT NOT NULL)"))
+            .await?;
+        Ok(PgSchema {
+            client,
+            schema: schema.to_owned(),
+        })
+    }
+
+    async fn drop(self) {
+        let _ = self
+            .client
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await;
+    }
+}
+
+async fn drain<Src: Source, P: idem_broker::Processor>(
+    consumer: Consumer<Src, P>,
     args: &Args,
 ) -> anyhow::Result<Duration> {
     let n = args.messages;

@@ -1,6 +1,9 @@
-//! The [`Consumer`] runtime: receives batches from a [`Source`], runs each through
-//! [`idem::Executor::run_batch`] (one claim round trip, handlers concurrently, one completion
-//! round trip), and settles every delivery from its outcome:
+//! The [`Consumer`] runtime: receives batches from a [`Source`], runs each through a
+//! [`Processor`], and settles every delivery from its outcome. Two processors come with it:
+//! store mode ([`Consumer::new`]: [`idem::Executor::run_batch`], one claim round trip, handlers
+//! concurrently, one completion round trip) and transactional mode
+//! ([`Consumer::transactional`]: an [`idem::Transactional`] store runs the handlers in one
+//! transaction that commits their writes with the records). Settlement is the same for both:
 //!
 //! | outcome | settlement |
 //! |---|---|
@@ -28,7 +31,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use idem::{
-    Attempt, Backoff, Disposition, Executor, Fingerprint, Key, Namespace, Store, Stored, Token,
+    Attempt, Backoff, Config, Disposition, Executor, Fingerprint, Key, Namespace, Outcome, Store,
+    Stored, Token, Transactional, TxFuture,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -80,10 +84,12 @@ where
     }
 }
 
-/// A handler's failure as the executor sees it: its own error, or a panic.
+/// A handler's failure as the runtime records it: its own error, or a panic.
 #[derive(Debug)]
-enum Failure<E> {
+pub enum Failure<E> {
+    /// The handler returned this error.
     Handler(E),
+    /// The handler panicked with this message.
     Panicked(String),
 }
 
@@ -93,6 +99,220 @@ impl<E: fmt::Display> fmt::Display for Failure<E> {
             Failure::Handler(e) => e.fmt(f),
             Failure::Panicked(msg) => write!(f, "the handler panicked: {msg}"),
         }
+    }
+}
+
+/// Processes one message in transactional mode: its writes go through `tx`, the transaction
+/// that also commits the message's record. Implemented for closures
+/// `Fn(&Message, &mut Tx) -> TxFuture<Result<T, E>>`, written
+/// `|msg, tx| Box::pin(async move { ... })`.
+///
+/// An `Err` (or a panic) undoes the handler's writes and releases the key for a retry with
+/// backoff (or dead-letters it after the attempt limit). Keep the handler to writes on `tx`:
+/// an effect elsewhere (an HTTP call) is not undone with the transaction.
+pub trait TxHandler<Tx>: Send + Sync + 'static {
+    /// The result stored with the record.
+    type Output: Stored + Send + 'static;
+    /// The handler's error.
+    type Error: fmt::Display + Send + 'static;
+
+    /// Processes `message` with its writes on `tx`.
+    fn call<'a>(
+        &'a self,
+        message: &'a Message,
+        tx: &'a mut Tx,
+    ) -> TxFuture<'a, Self::Output, Self::Error>;
+}
+
+impl<Tx, F, T, E> TxHandler<Tx> for F
+where
+    F: for<'a> Fn(&'a Message, &'a mut Tx) -> TxFuture<'a, T, E> + Send + Sync + 'static,
+    T: Stored + Send + 'static,
+    E: fmt::Display + Send + 'static,
+{
+    type Output = T;
+    type Error = E;
+
+    fn call<'a>(&'a self, message: &'a Message, tx: &'a mut Tx) -> TxFuture<'a, T, E> {
+        self(message, tx)
+    }
+}
+
+/// A delivery's outcome from a [`Processor`], or the store error that kept it from one.
+pub type ItemOutcome<T, E> = Result<Outcome<T, Failure<E>>, idem::Error>;
+
+/// A round's outcomes from a [`Processor`], or the store error that failed the whole round.
+pub type RoundOutcome<T, E> = Result<Vec<ItemOutcome<T, E>>, idem::Error>;
+
+/// Runs one round of deliveries (distinct keys) to their outcomes: the part of the runtime that
+/// differs between store mode ([`StoreMode`]) and transactional mode ([`TransactionalMode`]).
+/// Settlement (ack, delayed nack, dead letter) is the runtime's, the same for every processor.
+pub trait Processor: Send + Sync + 'static {
+    /// The result stored with each record.
+    type Output: Stored + Send + 'static;
+    /// The handler's error.
+    type Error: fmt::Display + Send + 'static;
+
+    /// Processes a round: `items[i]` is the key and fingerprint of `messages[i]`, every key
+    /// distinct. Returns one outcome per delivery, in order.
+    ///
+    /// # Errors
+    /// A store error for the whole round: no handler's effect was recorded (fail closed).
+    fn process(
+        &self,
+        items: Vec<(Key, Fingerprint)>,
+        messages: Vec<Message>,
+    ) -> impl Future<Output = RoundOutcome<Self::Output, Self::Error>> + Send;
+
+    /// Releases the claims of rounds whose future was dropped before their outcome was known
+    /// (shutdown past the grace, a panicked batch), so that the redeliveries need not wait out
+    /// a lease. The default does nothing: a transaction dropped mid-way leaves nothing behind.
+    fn release_abandoned(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// Store mode: an [`Executor`] over any [`Store`] and a [`Handler`] whose effects live
+/// elsewhere. Handlers of a round run concurrently.
+pub struct StoreMode<S, H> {
+    exec: Executor<S>,
+    handler: H,
+    handler_seconds: metrics::Histogram,
+    /// Claims of rounds whose task was aborted before their outcome was known.
+    abandoned: parking_lot::Mutex<Vec<(Key, Token)>>,
+}
+
+impl<S: Store, H> StoreMode<S, H> {
+    /// Store mode with `exec` and `handler`.
+    pub fn new(exec: Executor<S>, handler: H) -> Self {
+        Self {
+            handler_seconds: handler_seconds(&exec.config().name),
+            exec,
+            handler,
+            abandoned: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<S: Store, H: Handler> Processor for StoreMode<S, H> {
+    type Output = H::Output;
+    type Error = H::Error;
+
+    async fn process(
+        &self,
+        claims: Vec<(Key, Fingerprint)>,
+        messages: Vec<Message>,
+    ) -> RoundOutcome<H::Output, H::Error> {
+        let handler = &self.handler;
+        let timer = &self.handler_seconds;
+        let mut held = RoundClaims {
+            claims: parking_lot::Mutex::new(Vec::new()),
+            abandoned: &self.abandoned,
+            decided: false,
+        };
+        let outcomes = {
+            let held = &held;
+            let messages = &messages;
+            self.exec
+                .run_batch(claims, |i, attempt| {
+                    held.claims
+                        .lock()
+                        .push((attempt.key().clone(), attempt.token()));
+                    let message = messages[i].clone();
+                    catch_panic(timer, handler.call(message, attempt))
+                })
+                .await
+        };
+        // Every claim of the round is now completed, released, failed, or known lost.
+        held.decided = true;
+        outcomes
+    }
+
+    async fn release_abandoned(&self) {
+        let abandoned = std::mem::take(&mut *self.abandoned.lock());
+        release_claims(&self.exec, abandoned).await;
+    }
+}
+
+/// Transactional mode: an [`idem::Transactional`] store runs each round's handlers in one
+/// transaction that commits their writes together with the records (one item's failure undoes
+/// only its own writes). No window: a crash before the commit leaves neither effect nor
+/// record, and the redelivery runs the handler as if for the first time.
+pub struct TransactionalMode<S, H> {
+    store: S,
+    config: Config,
+    handler: Arc<H>,
+    handler_seconds: metrics::Histogram,
+}
+
+impl<S, H> TransactionalMode<S, H> {
+    /// Transactional mode on `store` with `config` (retention, attempt limit, retry backoff,
+    /// owner and metrics name; the lease does not apply) and `handler`.
+    pub fn new(store: S, config: Config, handler: H) -> Self {
+        Self {
+            handler_seconds: handler_seconds(&config.name),
+            store,
+            config,
+            handler: Arc::new(handler),
+        }
+    }
+}
+
+impl<S, H> Processor for TransactionalMode<S, H>
+where
+    S: Transactional,
+    H: TxHandler<S::Tx>,
+{
+    type Output = H::Output;
+    type Error = H::Error;
+
+    async fn process(
+        &self,
+        items: Vec<(Key, Fingerprint)>,
+        messages: Vec<Message>,
+    ) -> RoundOutcome<H::Output, H::Error> {
+        let messages = Arc::new(messages);
+        let handler = Arc::clone(&self.handler);
+        let timer = self.handler_seconds.clone();
+        let outcomes = self
+            .store
+            .run_batch_transactional(
+                &items,
+                &self.config,
+                move |tx: &mut S::Tx, i| -> TxFuture<'_, H::Output, Failure<H::Error>> {
+                    let handler = Arc::clone(&handler);
+                    let messages = Arc::clone(&messages);
+                    let timer = timer.clone();
+                    Box::pin(async move {
+                        let Some(message) = messages.get(i) else {
+                            return Err(Failure::Panicked(format!("no message at index {i}")));
+                        };
+                        catch_panic(&timer, handler.call(message, tx)).await
+                    })
+                },
+            )
+            .await?;
+        Ok(outcomes.into_iter().map(Ok).collect())
+    }
+}
+
+/// The handler-latency histogram of an executor (or a transactional config) named `name`.
+fn handler_seconds(name: &str) -> metrics::Histogram {
+    metrics::histogram!(metric::HANDLER_SECONDS, "executor" => name.to_owned())
+}
+
+/// Runs a handler's future, timing it and turning a panic into a failed attempt.
+async fn catch_panic<T, E>(
+    timer: &metrics::Histogram,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, Failure<E>> {
+    let start = std::time::Instant::now();
+    let out = AssertUnwindSafe(fut).catch_unwind().await;
+    timer.record(start.elapsed().as_secs_f64());
+    match out {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::Handler(e)),
+        Err(panic) => Err(Failure::Panicked(panic_message(&*panic))),
     }
 }
 
@@ -133,7 +353,9 @@ impl Default for Settings {
     }
 }
 
-/// Counters of what a consumer did, readable while it runs ([`Consumer::stats`]).
+/// Counters of what a consumer did, readable while it runs ([`Consumer::stats`]). While
+/// [`Consumer::run`] goes on they are also exported through the `metrics` facade, labelled with
+/// the consumer's namespace (see [`metric`]).
 #[derive(Debug, Default)]
 pub struct Stats {
     received: AtomicU64,
@@ -144,6 +366,90 @@ pub struct Stats {
     dead_lettered: AtomicU64,
     store_errors: AtomicU64,
     settle_errors: AtomicU64,
+    metrics: std::sync::OnceLock<RuntimeMetrics>,
+}
+
+/// The metric names of the runtime, each labelled `consumer` (the namespace). Handler latency
+/// is labelled `executor` (the config's name), like the executor's own `idem_*` metrics.
+pub mod metric {
+    /// Deliveries received.
+    pub const RECEIVED: &str = "idem_consumer_received_total";
+    /// Deliveries acked as a success (executed or replayed).
+    pub const ACKED: &str = "idem_consumer_acked_total";
+    /// Deliveries nacked for a later redelivery.
+    pub const RETRIED: &str = "idem_consumer_retried_total";
+    /// Deliveries dead-lettered (publish confirmed, then acked), by `reason`: `no_key`,
+    /// `no_fingerprint`, `mismatch`, `exhausted`.
+    pub const DEAD_LETTERED: &str = "idem_consumer_dead_lettered_total";
+    /// Rounds or items that met a store error (never acked).
+    pub const STORE_ERRORS: &str = "idem_consumer_store_errors_total";
+    /// Acks, nacks or dead-letter publishes the broker did not take.
+    pub const SETTLE_ERRORS: &str = "idem_consumer_settle_errors_total";
+    /// Deliveries in hand: received and not yet settled.
+    pub const IN_FLIGHT: &str = "idem_consumer_in_flight";
+    /// Handler latency in seconds, by `executor`.
+    pub const HANDLER_SECONDS: &str = "idem_handler_seconds";
+}
+
+/// Why a delivery was dead-lettered, as a bounded label.
+#[derive(Clone, Copy, Debug)]
+enum DeadKind {
+    NoKey,
+    NoFingerprint,
+    Mismatch,
+    Exhausted,
+}
+
+impl DeadKind {
+    const ALL: [DeadKind; 4] = [
+        DeadKind::NoKey,
+        DeadKind::NoFingerprint,
+        DeadKind::Mismatch,
+        DeadKind::Exhausted,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DeadKind::NoKey => "no_key",
+            DeadKind::NoFingerprint => "no_fingerprint",
+            DeadKind::Mismatch => "mismatch",
+            DeadKind::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// Registered handles, one set per running consumer.
+struct RuntimeMetrics {
+    received: metrics::Counter,
+    acked: metrics::Counter,
+    retried: metrics::Counter,
+    dead_lettered: [metrics::Counter; 4],
+    store_errors: metrics::Counter,
+    settle_errors: metrics::Counter,
+    in_flight: metrics::Gauge,
+}
+
+impl fmt::Debug for RuntimeMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeMetrics").finish_non_exhaustive()
+    }
+}
+
+impl RuntimeMetrics {
+    fn new(consumer: &str) -> Self {
+        let c = |name: &'static str| metrics::counter!(name, "consumer" => consumer.to_owned());
+        Self {
+            received: c(metric::RECEIVED),
+            acked: c(metric::ACKED),
+            retried: c(metric::RETRIED),
+            dead_lettered: DeadKind::ALL.map(|k| {
+                metrics::counter!(metric::DEAD_LETTERED, "consumer" => consumer.to_owned(), "reason" => k.label())
+            }),
+            store_errors: c(metric::STORE_ERRORS),
+            settle_errors: c(metric::SETTLE_ERRORS),
+            in_flight: metrics::gauge!(metric::IN_FLIGHT, "consumer" => consumer.to_owned()),
+        }
+    }
 }
 
 /// A snapshot of [`Stats`].
@@ -188,9 +494,63 @@ impl Stats {
     fn add(c: &AtomicU64, n: usize) {
         c.fetch_add(n as u64, Ordering::Relaxed);
     }
+
+    fn metrics(&self) -> Option<&RuntimeMetrics> {
+        self.metrics.get()
+    }
+
+    fn received(&self, n: usize) {
+        Self::add(&self.received, n);
+        if let Some(m) = self.metrics() {
+            m.received.increment(n as u64);
+            m.in_flight.increment(n as f64);
+        }
+    }
+
+    fn settled(&self, n: usize) {
+        if let Some(m) = self.metrics() {
+            m.in_flight.decrement(n as f64);
+        }
+    }
+
+    fn acked(&self, n: usize) {
+        Self::add(&self.acked, n);
+        if let Some(m) = self.metrics() {
+            m.acked.increment(n as u64);
+        }
+    }
+
+    fn retried(&self) {
+        Self::add(&self.retried, 1);
+        if let Some(m) = self.metrics() {
+            m.retried.increment(1);
+        }
+    }
+
+    fn dead_lettered(&self, kind: DeadKind) {
+        Self::add(&self.dead_lettered, 1);
+        if let Some(m) = self.metrics() {
+            m.dead_lettered[kind as usize].increment(1);
+        }
+    }
+
+    fn store_error(&self) {
+        Self::add(&self.store_errors, 1);
+        if let Some(m) = self.metrics() {
+            m.store_errors.increment(1);
+        }
+    }
+
+    fn settle_error(&self) {
+        Self::add(&self.settle_errors, 1);
+        if let Some(m) = self.metrics() {
+            m.settle_errors.increment(1);
+        }
+    }
 }
 
-/// Consumes a [`Source`] through an [`Executor`], exactly once per key.
+/// Consumes a [`Source`] exactly once per key, through a [`Processor`]: store mode
+/// ([`Consumer::new`]) or transactional mode ([`Consumer::transactional`]).
 ///
 /// ```no_run
 /// # #[cfg(feature = "nats")]
@@ -208,33 +568,28 @@ impl Stats {
 /// println!("{stats:?}");
 /// # Ok(()) }
 /// ```
-pub struct Consumer<Src: Source, S, H> {
+pub struct Consumer<Src: Source, P> {
     source: Src,
-    exec: Executor<S>,
+    processor: P,
     namespace: Namespace,
     key: Box<dyn KeyExtractor>,
     fingerprint: Box<dyn FingerprintExtractor>,
-    handler: H,
     settings: Settings,
     stats: Arc<Stats>,
 }
 
-struct Shared<S, H> {
-    exec: Executor<S>,
+struct Shared<P> {
+    processor: P,
     namespace: Namespace,
     key: Box<dyn KeyExtractor>,
     fingerprint: Box<dyn FingerprintExtractor>,
-    handler: H,
     stats: Arc<Stats>,
     store_failures: AtomicU32,
     store_backoff: Backoff,
     in_progress_backoff: Backoff,
-    /// Claims of rounds whose task was aborted (shutdown past the grace) before their outcome
-    /// was known: released before the source closes.
-    abandoned: parking_lot::Mutex<Vec<(Key, Token)>>,
 }
 
-impl<Src: Source, S, H> fmt::Debug for Consumer<Src, S, H> {
+impl<Src: Source, P> fmt::Debug for Consumer<Src, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Consumer")
             .field("namespace", &self.namespace)
@@ -243,22 +598,83 @@ impl<Src: Source, S, H> fmt::Debug for Consumer<Src, S, H> {
     }
 }
 
-impl<Src, S, H> Consumer<Src, S, H>
+impl<Src, S, H> Consumer<Src, StoreMode<S, H>>
 where
     Src: Source,
     S: Store,
     H: Handler,
 {
-    /// A consumer of `source` that runs `handler` once per key in `namespace` (the consumer's
-    /// name), keyed by the producer's message id and fingerprinted by the whole payload.
+    /// Store mode: a consumer of `source` that runs `handler` once per key in `namespace` (the
+    /// consumer's name), keyed by the producer's message id and fingerprinted by the whole
+    /// payload. The handler's effects live elsewhere; see [`idem::Executor`] for the window a
+    /// crash between the effect and the record leaves.
     pub fn new(source: Src, exec: Executor<S>, namespace: Namespace, handler: H) -> Self {
+        Self::with_processor(source, StoreMode::new(exec, handler), namespace)
+    }
+}
+
+impl<Src, S, H> Consumer<Src, TransactionalMode<S, H>>
+where
+    Src: Source,
+    S: Transactional,
+    H: TxHandler<S::Tx>,
+{
+    /// Transactional mode: a consumer of `source` whose `handler` writes through the
+    /// transaction (`&mut S::Tx`) that also commits the message's record; the delivery is acked
+    /// after the commit. Commit = effect + record, crash = neither: no window. `config` gives
+    /// the retention, attempt limit, retry backoff and metrics name.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "amqp")]
+    /// # async fn demo(store: idem_sqlite::SqliteStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// use idem::{Config, Namespace};
+    /// use idem_broker::amqp::{AmqpConfig, AmqpSource};
+    /// use idem_broker::{Consumer, Message, shutdown_signal};
+    ///
+    /// let source = AmqpSource::connect("amqp://guest:guest@127.0.0.1:5672/%2f", AmqpConfig::new("orders")).await?;
+    /// let consumer = Consumer::transactional(
+    ///     source, store, Config::default(), Namespace::new("billing")?,
+    ///     |msg: &Message, conn: &mut rusqlite::Connection| Box::pin(async move {
+    ///         conn.execute("INSERT INTO orders (body) VALUES (?1)", [msg.payload().as_ref()])?;
+    ///         Ok::<_, rusqlite::Error>(())
+    ///     }),
+    /// );
+    /// consumer.run(shutdown_signal()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn transactional<T, E>(
+        source: Src,
+        store: S,
+        config: Config,
+        namespace: Namespace,
+        handler: H,
+    ) -> Self
+    where
+        H: for<'a> Fn(&'a Message, &'a mut S::Tx) -> TxFuture<'a, T, E> + Send + Sync + 'static,
+        T: Stored + Send + 'static,
+        E: fmt::Display + Send + 'static,
+    {
+        Self::with_processor(
+            source,
+            TransactionalMode::new(store, config, handler),
+            namespace,
+        )
+    }
+}
+
+impl<Src, P> Consumer<Src, P>
+where
+    Src: Source,
+    P: Processor,
+{
+    /// A consumer of `source` that runs every round through `processor`.
+    pub fn with_processor(source: Src, processor: P, namespace: Namespace) -> Self {
         Self {
             source,
-            exec,
+            processor,
             namespace,
             key: Box::new(KeyFrom::MessageId),
             fingerprint: Box::new(FingerprintFrom::Payload),
-            handler,
             settings: Settings::default(),
             stats: Arc::default(),
         }
@@ -325,25 +741,23 @@ where
     ) -> Result<StatsSnapshot, BrokerError> {
         let Consumer {
             mut source,
-            exec,
+            processor,
             namespace,
             key,
             fingerprint,
-            handler,
             settings,
             stats,
         } = self;
+        let _ = stats.metrics.set(RuntimeMetrics::new(namespace.as_str()));
         let shared = Arc::new(Shared {
-            exec,
+            processor,
             namespace,
             key,
             fingerprint,
-            handler,
             stats,
             store_failures: AtomicU32::new(0),
             store_backoff: settings.store_backoff,
             in_progress_backoff: settings.in_progress_backoff,
-            abandoned: parking_lot::Mutex::new(Vec::new()),
         });
         let acker = source.acker();
         let permits = Arc::new(Semaphore::new(settings.concurrency.max(1)));
@@ -359,7 +773,7 @@ where
             if panicked {
                 // A batch task that panicked left its claims behind: release them now rather
                 // than make their redeliveries wait out the lease.
-                release_abandoned(&shared).await;
+                shared.processor.release_abandoned().await;
             }
             let permit = tokio::select! {
                 biased;
@@ -378,7 +792,7 @@ where
                 Ok(batch) if batch.is_empty() => {}
                 Ok(batch) => {
                     receive_failures = 0;
-                    Stats::add(&shared.stats.received, batch.len());
+                    shared.stats.received(batch.len());
                     let shared = Arc::clone(&shared);
                     let acker = acker.clone();
                     tasks.spawn(async move {
@@ -421,7 +835,7 @@ where
             while tasks.join_next().await.is_some() {}
         }
         // Abandoned by the grace's end, or by a task that panicked while draining.
-        release_abandoned(&shared).await;
+        shared.processor.release_abandoned().await;
         source.close().await;
         match fatal {
             Some(e) => Err(e),
@@ -452,18 +866,30 @@ struct Item {
     fingerprint: Fingerprint,
 }
 
+/// A batch's place in the in-flight gauge, given back when the batch is done with.
+struct InFlight<'a> {
+    stats: &'a Stats,
+    n: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.stats.settled(self.n);
+    }
+}
+
 /// What to do with one delivery once its outcome is known.
 enum Decision {
     Ack,
     Nack(Duration),
-    DeadLetter(Message, String),
+    DeadLetter(Message, String, DeadKind),
 }
 
 /// What to do with each delivery once the batch is decided.
 struct Settlement<D> {
     acks: Vec<D>,
     nacks: Vec<(D, Duration)>,
-    dead: Vec<(D, Message, String)>,
+    dead: Vec<(D, Message, String, DeadKind)>,
 }
 
 impl<D> Settlement<D> {
@@ -481,8 +907,8 @@ impl<D> Settlement<D> {
             match decision {
                 Some(Decision::Ack) => settle.acks.push(delivery),
                 Some(Decision::Nack(delay)) => settle.nacks.push((delivery, delay)),
-                Some(Decision::DeadLetter(message, reason)) => {
-                    settle.dead.push((delivery, message, reason));
+                Some(Decision::DeadLetter(message, reason, kind)) => {
+                    settle.dead.push((delivery, message, reason, kind));
                 }
                 // Every delivery gets a decision; should one not, it is retried, never acked.
                 None => settle.nacks.push((delivery, store_delay())),
@@ -492,16 +918,20 @@ impl<D> Settlement<D> {
     }
 }
 
-async fn process<S, H, A>(
-    shared: &Shared<S, H>,
+async fn process<P, A>(
+    shared: &Shared<P>,
     acker: &A,
     batch: Vec<Incoming<A::Delivery>>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) where
-    S: Store,
-    H: Handler,
+    P: Processor,
     A: Acker,
 {
+    // Settled or not (an aborted task drops this), the batch leaves the in-flight count.
+    let _in_flight = InFlight {
+        stats: &shared.stats,
+        n: batch.len(),
+    };
     let mut deliveries = Vec::with_capacity(batch.len());
     let mut decisions: Vec<Option<Decision>> = Vec::with_capacity(batch.len());
     let mut items = Vec::with_capacity(batch.len());
@@ -512,7 +942,8 @@ async fn process<S, H, A>(
             Ok(key) => key,
             Err(e) => {
                 let reason = format!("no usable key: {e}");
-                decisions[idx] = Some(Decision::DeadLetter(message, reason));
+                tracing::warn!(message_id = message.message_id(), %reason, "dead-lettering");
+                decisions[idx] = Some(Decision::DeadLetter(message, reason, DeadKind::NoKey));
                 continue;
             }
         };
@@ -525,7 +956,12 @@ async fn process<S, H, A>(
             }),
             Err(e) => {
                 let reason = format!("no usable fingerprint: {e}");
-                decisions[idx] = Some(Decision::DeadLetter(message, reason));
+                tracing::warn!(message_id = message.message_id(), %key, %reason, "dead-lettering");
+                decisions[idx] = Some(Decision::DeadLetter(
+                    message,
+                    reason,
+                    DeadKind::NoFingerprint,
+                ));
             }
         }
     }
@@ -572,56 +1008,23 @@ impl Drop for RoundClaims<'_> {
     }
 }
 
-async fn run_round<S, H>(
-    shared: &Shared<S, H>,
+async fn run_round<P: Processor>(
+    shared: &Shared<P>,
     round: Vec<Item>,
     decisions: &mut [Option<Decision>],
-) where
-    S: Store,
-    H: Handler,
-{
-    let claims = round
+) {
+    let items = round
         .iter()
         .map(|it| (it.key.clone(), it.fingerprint))
         .collect();
-    let messages: Vec<Message> = round.iter().map(|it| it.message.clone()).collect();
-    let handler = &shared.handler;
-    let mut held = RoundClaims {
-        claims: parking_lot::Mutex::new(Vec::new()),
-        abandoned: &shared.abandoned,
-        decided: false,
-    };
-    let outcomes = {
-        let held = &held;
-        shared
-            .exec
-            .run_batch(claims, |i, attempt| {
-                held.claims
-                    .lock()
-                    .push((attempt.key().clone(), attempt.token()));
-                let message = messages[i].clone();
-                async move {
-                    match AssertUnwindSafe(handler.call(message, attempt))
-                        .catch_unwind()
-                        .await
-                    {
-                        Ok(Ok(v)) => Ok(v),
-                        Ok(Err(e)) => Err(Failure::Handler(e)),
-                        Err(panic) => Err(Failure::Panicked(panic_message(&*panic))),
-                    }
-                }
-            })
-            .await
-    };
-    // Every claim of the round is now completed, released, failed, or known lost.
-    held.decided = true;
-
-    let outcomes = match outcomes {
+    let messages = round.iter().map(|it| it.message.clone()).collect();
+    let outcomes = match shared.processor.process(items, messages).await {
         Ok(outcomes) => outcomes.into_iter().map(Some).collect(),
         Err(e) => {
-            // The batch claim failed: no handler ran. Fail closed.
-            tracing::warn!(error = %e, items = round.len(), "store error on claim; nothing acked");
-            Stats::add(&shared.stats.store_errors, 1);
+            // The round failed as a whole (the claim, or the transaction): no effect was
+            // recorded. Fail closed.
+            tracing::warn!(error = %e, items = round.len(), "store error; nothing acked");
+            shared.stats.store_error();
             round.iter().map(|_| None).collect::<Vec<_>>()
         }
     };
@@ -632,7 +1035,7 @@ async fn run_round<S, H>(
             Some(Ok(outcome)) => outcome,
             Some(Err(e)) => {
                 tracing::warn!(key = %item.key, error = %e, "store error; not acked");
-                Stats::add(&shared.stats.store_errors, 1);
+                shared.stats.store_error();
                 store_ok = false;
                 *decision = Some(Decision::Nack(shared.store_delay()));
                 continue;
@@ -651,7 +1054,7 @@ async fn run_round<S, H>(
         *decision = Some(match outcome.disposition() {
             Disposition::Ack => Decision::Ack,
             Disposition::Retry { after } => {
-                let after = if matches!(outcome, idem::Outcome::InProgress { .. }) {
+                let after = if matches!(outcome, Outcome::InProgress { .. }) {
                     after.min(
                         shared
                             .in_progress_backoff
@@ -665,7 +1068,12 @@ async fn run_round<S, H>(
             }
             Disposition::DeadLetter { reason } => {
                 tracing::warn!(key = %item.key, %reason, "dead-lettering");
-                Decision::DeadLetter(item.message, reason)
+                let kind = if matches!(outcome, Outcome::Mismatch { .. }) {
+                    DeadKind::Mismatch
+                } else {
+                    DeadKind::Exhausted
+                };
+                Decision::DeadLetter(item.message, reason, kind)
             }
         });
     }
@@ -683,13 +1091,12 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The handlers were dropped mid-run: like a crash, this is store mode's window (an effect may
 /// have happened). A release is fenced: a claim that was completed, or taken over, is left
 /// alone. Claims the store cannot release now expire with their lease.
-async fn release_abandoned<S: Store, H>(shared: &Shared<S, H>) {
-    let abandoned = std::mem::take(&mut *shared.abandoned.lock());
+async fn release_claims<S: Store>(exec: &Executor<S>, abandoned: Vec<(Key, Token)>) {
     if abandoned.is_empty() {
         return;
     }
-    let store = shared.exec.store();
-    let retention = shared.exec.config().retention;
+    let store = exec.store();
+    let retention = exec.config().retention;
     let releases = join_all(
         abandoned
             .iter()
@@ -752,7 +1159,7 @@ async fn with_progress<A: Acker, T>(
     }
 }
 
-async fn apply<S, H, A: Acker>(shared: &Shared<S, H>, acker: &A, settle: Settlement<A::Delivery>) {
+async fn apply<P, A: Acker>(shared: &Shared<P>, acker: &A, settle: Settlement<A::Delivery>) {
     let stats = &shared.stats;
     let n_acks = settle.acks.len();
     let ack = async {
@@ -760,35 +1167,40 @@ async fn apply<S, H, A: Acker>(shared: &Shared<S, H>, acker: &A, settle: Settlem
             return;
         }
         match acker.ack(settle.acks).await {
-            Ok(()) => Stats::add(&stats.acked, n_acks),
+            Ok(()) => stats.acked(n_acks),
             Err(e) => {
                 // Not lost: the broker redelivers, and the store replays the result.
                 tracing::warn!(error = %e, n_acks, "ack failed");
-                Stats::add(&stats.settle_errors, 1);
+                stats.settle_error();
             }
         }
     };
     let nacks = join_all(settle.nacks.into_iter().map(|(d, delay)| async move {
-        Stats::add(&stats.retried, 1);
+        stats.retried();
         if let Err(e) = acker.nack(d, delay).await {
             tracing::warn!(error = %e, "nack failed; the broker redelivers anyway");
-            Stats::add(&stats.settle_errors, 1);
+            stats.settle_error();
         }
     }));
-    let dead = join_all(settle.dead.into_iter().map(|(d, msg, reason)| async move {
-        match acker.dead_letter(d, &msg, &reason).await {
-            Ok(()) => Stats::add(&stats.dead_lettered, 1),
-            Err(e) => {
-                // Not acked: the message comes back and is dead-lettered again.
-                tracing::warn!(error = %e, "dead-letter publish not confirmed; not acked");
-                Stats::add(&stats.settle_errors, 1);
-            }
-        }
-    }));
+    let dead = join_all(
+        settle
+            .dead
+            .into_iter()
+            .map(|(d, msg, reason, kind)| async move {
+                match acker.dead_letter(d, &msg, &reason).await {
+                    Ok(()) => stats.dead_lettered(kind),
+                    Err(e) => {
+                        // Not acked: the message comes back and is dead-lettered again.
+                        tracing::warn!(error = %e, "dead-letter publish not confirmed; not acked");
+                        stats.settle_error();
+                    }
+                }
+            }),
+    );
     tokio::join!(ack, nacks, dead);
 }
 
-impl<S, H> Shared<S, H> {
+impl<P> Shared<P> {
     /// Redelivery delay after a store error, growing while they last.
     fn store_delay(&self) -> Duration {
         let n = self.store_failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -826,5 +1238,100 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::HashMap;
+
+    use idem::{Executor, MemoryStore};
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+    use crate::KeyFrom;
+    use crate::memory::MemoryBroker;
+
+    /// The runtime's metrics while it runs: received, acked, dead letters by reason, the
+    /// in-flight gauge back at zero, and one handler latency sample per run handler.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_runtime_exports_its_counters_by_consumer() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+
+        let broker = MemoryBroker::new("orders");
+        for (id, body) in [
+            ("a", "{\"k\":\"a\"}"),
+            ("a", "{\"k\":\"a\"}"),
+            ("b", "not json"),
+        ] {
+            broker.publish(Message::new("orders", body.as_bytes().to_vec()).with_message_id(id));
+        }
+        let exec = Executor::new(MemoryStore::new());
+        let consumer = Consumer::new(
+            broker.source(),
+            exec,
+            Namespace::new("metered").unwrap(),
+            |_m: Message, _a: Attempt| async { Ok::<_, std::io::Error>(()) },
+        )
+        .key("json:/k".parse::<KeyFrom>().unwrap());
+        let stats = consumer.stats();
+        let done = async {
+            while stats.snapshot().acked + stats.snapshot().dead_lettered < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        consumer.run(done).await.unwrap();
+
+        let mut counters = HashMap::new();
+        let mut gauges = HashMap::new();
+        let mut histograms = HashMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let key = key.key();
+            let labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            match value {
+                DebugValue::Counter(n) => {
+                    counters.insert(name, n);
+                }
+                DebugValue::Gauge(g) => {
+                    gauges.insert(name, g.into_inner());
+                }
+                DebugValue::Histogram(h) => {
+                    histograms.insert(name, h.len());
+                }
+            }
+        }
+        assert_eq!(
+            counters.get("idem_consumer_received_total{consumer=metered}"),
+            Some(&3),
+            "{counters:?}"
+        );
+        assert_eq!(
+            counters.get("idem_consumer_acked_total{consumer=metered}"),
+            Some(&2),
+            "{counters:?}"
+        );
+        assert_eq!(
+            counters.get("idem_consumer_dead_lettered_total{consumer=metered,reason=no_key}"),
+            Some(&1),
+            "{counters:?}"
+        );
+        assert_eq!(
+            gauges.get("idem_consumer_in_flight{consumer=metered}"),
+            Some(&0.0),
+            "{gauges:?}"
+        );
+        assert_eq!(
+            histograms.get("idem_handler_seconds{executor=default}"),
+            Some(&1),
+            "one handler ran: {histograms:?}"
+        );
     }
 }

@@ -1,10 +1,9 @@
-//! [`BrokerError`]: what a [`Source`](crate::Source), an [`Acker`](crate::Acker) or a producer
-//! reports when the broker could not do what was asked. Driver errors are kept as the `source`.
+//! [`BrokerError`]: what a [`Source`](crate::Source), an [`Acker`](crate::Acker), a producer or
+//! an [`Admin`](crate::Admin) reports when the broker could not do what was asked. Driver errors
+//! are kept as the `source`. It is [`idem::KindError`] with a [`BrokerErrorKind`]: the same
+//! shape as [`idem::StoreError`].
 
-use std::borrow::Cow;
 use std::fmt;
-
-use idem::BoxError;
 
 /// What went wrong with the broker, for callers to `match` on without seeing driver internals.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -45,59 +44,15 @@ impl fmt::Display for BrokerErrorKind {
     }
 }
 
-/// An error from a broker: a [`kind`](BrokerError::kind), a message for humans (never a
-/// credential), and the driver's error as `source`.
-#[derive(Debug, thiserror::Error)]
-#[error("{kind}: {message}")]
-pub struct BrokerError {
-    kind: BrokerErrorKind,
-    message: Cow<'static, str>,
-    #[source]
-    source: Option<BoxError>,
-}
-
-impl BrokerError {
-    /// An error of `kind` with a message.
-    pub fn new(kind: BrokerErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    /// Attaches the driver's error.
-    #[must_use]
-    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
-        self.source = Some(source.into());
-        self
-    }
-
-    /// A lost or refused connection.
-    pub fn connection(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(BrokerErrorKind::Connection, message)
-    }
-
-    /// Bad settings.
-    pub fn config(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(BrokerErrorKind::Config, message)
-    }
-
-    /// What went wrong.
-    pub fn kind(&self) -> BrokerErrorKind {
-        self.kind
-    }
-
-    /// The message (without the source).
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-
-    /// Whether retrying later may succeed.
-    pub fn is_transient(&self) -> bool {
-        self.kind.is_transient()
+impl idem::ErrorKind for BrokerErrorKind {
+    fn is_transient(self) -> bool {
+        BrokerErrorKind::is_transient(self)
     }
 }
+
+/// An error from a broker: a [`kind`](idem::KindError::kind), a message for humans (never a
+/// credential), and the driver's error as `source`. See [`idem::KindError`].
+pub type BrokerError = idem::KindError<BrokerErrorKind>;
 
 /// A URL with its password replaced by `***`, for logs and error messages.
 #[cfg_attr(

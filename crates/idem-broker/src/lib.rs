@@ -31,7 +31,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## What the runtime does with each delivery (contract section 6)
+//! ## What the runtime does with each delivery (docs/design.md, section 6)
 //!
 //! Each batch goes through [`idem::Executor::run_batch`]: one claim round trip, handlers run
 //! concurrently, each group of handlers that finish together is completed in one round trip.
@@ -63,20 +63,33 @@
 //! | `nats` | `nats` | NATS JetStream (async-nats): explicit AckSync, `Nak` delay, `+WPI` | stream `<stream>_DLQ` |
 //! | `mqtt` | `mqtt` | MQTT 5 (rumqttc, Mosquitto): persistent session, QoS 1, manual acks | session `<client>.dead-letter` |
 //! | `redis-streams` | `redis_streams` | Redis Streams: consumer groups, `XAUTOCLAIM` | stream `<stream>:dead-letter` |
+//! | `stomp` | `stomp` | STOMP 1.2 (ActiveMQ Classic): `client-individual` acks, persistent sends with receipts, delayed retries held by the source (never NACK) | queue `DLQ.<queue>` |
+//! | `kafka` | `kafka` | Kafka (rdkafka, librdkafka built from source): consumer groups, offsets stored only once settled and committed up to the oldest unsettled message, per-key lanes, optional offsets in the transaction | topic `<topic>.dlq` |
+//! | `rocketmq` | `rocketmq` | RocketMQ (rocketmq-client-rust 1.0): push consumer in a consumer group, offsets move on once a listener call's messages are settled, nacks sent back to the retry topic | topic `<group>_IDEM_DLQ` |
 //!
-//! Each module documents its at-least-once settings and their limits. [`memory`] is an
+//! Each module documents its at-least-once settings and their limits, and has an `admin`
+//! module ([`Admin`]: backlog, dead letters read back with their reasons and republished with
+//! the same message id, clean-up). [`memory`] is an
 //! in-process broker for tests. Producers (`amqp::AmqpProducer`, `nats::NatsProducer`,
-//! `mqtt::MqttProducer`, `redis_streams::RedisStreamProducer`) publish an [`Outgoing`]
+//! `mqtt::MqttProducer`, `redis_streams::RedisStreamProducer`, `stomp::StompProducer`,
+//! `kafka::KafkaProducer` (idempotent, `acks=all`), `rocketmq::RocketMqProducer`) publish an [`Outgoing`]
 //! whose id is fixed once at the origin and reused on every retry, with the broker's publish
 //! confirmation (and its dedup, where it has one).
 //!
 //! ## Building on it
 //!
-//! A new broker implements [`Source`] and [`Acker`]. Tools that pick things at run time (a
-//! sidecar taking `--key header:NAME|json:/path|hash`) parse [`KeyFrom`] from text, implement
-//! [`Handler`] for "run a command" or "POST to a URL", and pass an [`idem::AnyStore`] as the
-//! store. [`Stats`] counts what happened, for tests and for a verifier.
+//! A new broker implements [`Source`] and [`Acker`] (and [`Admin`] for its backlog, dead letters
+//! and clean-up). Tools that pick things at run time (a sidecar taking `--from URL` and
+//! `--key header:NAME|json:/path|hash`) parse a [`BrokerUrl`], check [`SourceOptions`] against
+//! it into a [`SourceConfig`] and connect it as an [`AnySource`] (the broker twin of
+//! [`idem::AnyStore`]; [`SourceConfig::admin`] gives its [`AnyAdmin`], [`BrokerUrl::producer`]
+//! an [`AnyProducer`]), parse [`KeyFrom`] from text, implement [`Handler`] for "run a command"
+//! or "POST to a URL", and pass an [`idem::AnyStore`] as the store. [`Stats`] counts what
+//! happened, for tests and for a verifier. Errors are [`BrokerError`]s, the
+//! [`idem::KindError`] shape stores use too.
 
+mod admin;
+mod any;
 mod consumer;
 mod error;
 mod key;
@@ -84,8 +97,14 @@ pub mod memory;
 mod message;
 mod producer;
 mod source;
+mod url;
 
-pub use crate::consumer::{Consumer, Handler, Settings, Stats, StatsSnapshot, shutdown_signal};
+pub use crate::admin::{Admin, AnyAdmin, DeadLetter};
+pub use crate::any::{AnyAcker, AnyDelivery, AnyProducer, AnySource, Receipt};
+pub use crate::consumer::{
+    Consumer, Failure, Handler, ItemOutcome, Processor, RoundOutcome, Settings, Stats,
+    StatsSnapshot, StoreMode, TransactionalMode, TxHandler, metric, shutdown_signal,
+};
 pub use crate::error::{BrokerError, BrokerErrorKind};
 pub use crate::key::{
     FingerprintExtractor, FingerprintFrom, KeyExtractError, KeyExtractor, KeyFrom,
@@ -94,12 +113,19 @@ pub use crate::key::{
 pub use crate::message::{Message, header};
 pub use crate::producer::{Outgoing, RetryPolicy, new_message_id};
 pub use crate::source::{Acker, Incoming, Source};
+pub use crate::url::{BrokerKind, BrokerUrl, QueueType, SourceConfig, SourceOptions};
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis-streams")]
 pub mod redis_streams;
+#[cfg(feature = "rocketmq")]
+pub mod rocketmq;
+#[cfg(feature = "stomp")]
+pub mod stomp;

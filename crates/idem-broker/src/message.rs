@@ -13,6 +13,9 @@ pub mod header {
     pub const DEAD_LETTER_REASON: &str = "idem-dead-letter-reason";
     /// The queue, subject, topic or stream the message was consumed from.
     pub const DEAD_LETTER_ORIGIN: &str = "idem-dead-letter-origin";
+    /// The subject a NATS message was published on (its origin is the stream): where a
+    /// republished dead letter goes.
+    pub const DEAD_LETTER_SUBJECT: &str = "idem-dead-letter-subject";
     /// Where brokers without a message-id property (MQTT 5, Redis Streams) carry the producer's
     /// message id.
     pub const MESSAGE_ID: &str = "message-id";

@@ -165,7 +165,7 @@ mod tests {
         let out: Result<(), _> = policy
             .run(|| {
                 seen.push(msg.id().to_owned());
-                async { Err(BrokerError::connection("down")) }
+                async { Err(BrokerError::new(crate::BrokerErrorKind::Connection, "down")) }
             })
             .await;
         assert!(out.is_err());

@@ -2,7 +2,7 @@
 //! [`Acker`] settles them (ack, delayed nack, dead-letter). The [`Consumer`](crate::Consumer)
 //! drives both and decides, from the store's outcome, which settlement each delivery gets.
 //!
-//! Rules every adapter keeps (contract section 6): nothing is acked unless the runtime asks;
+//! Rules every adapter keeps (docs/design.md, section 6): nothing is acked unless the runtime asks;
 //! a delivery that is never settled (the process died, the future was dropped) stays unacked at
 //! the broker and is redelivered; [`Acker::dead_letter`] acks only after the dead-letter publish
 //! is confirmed.

@@ -1,25 +1,161 @@
-//! RabbitMQ adapter against the live broker (`IDEM_AMQP_URL`, default the local one). Each test
-//! uses its own queues and deletes them at the end.
+//! RabbitMQ adapter against the live broker (`IDEM_AMQP_URL`, default the local one): the
+//! adapter suite (`idem_conformance::broker`) on quorum queues (the default) and on classic
+//! queues, then what only RabbitMQ has: quorum queue arguments, classic queues' redelivery
+//! counts, the dead-letter channel. Each test uses its own queues and deletes them at the end.
 #![cfg(feature = "amqp")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use common::{
-    Ledger, Proxy, numbered, socket_addr, sqlite_store, start, start_slow, unique, until, via,
-};
-use futures_util::StreamExt;
+use common::{Ledger, socket_addr, start, unique, until, via};
 use idem::{Executor, Namespace};
-use idem_broker::amqp::{AmqpConfig, AmqpProducer, AmqpSource};
-use idem_broker::{Acker, Consumer, Outgoing, Source, header};
+use idem_broker::amqp::{AmqpConfig, AmqpProducer, AmqpSource, QueueType};
+use idem_broker::{Acker, Consumer, Message, Outgoing, Source, header};
+use idem_conformance::broker::{BrokerHarness, DeadLetter};
 use idem_conformance::server;
 use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
 use lapin::{Connection, ConnectionProperties};
+use tokio::sync::OnceCell;
 
 fn url() -> Option<String> {
     server::url(server::AMQP)
+}
+
+/// The adapter suite's view of RabbitMQ: a queue per check (with its `.dlx` exchange and
+/// `.dlq` queue), of `queue_type`.
+#[derive(Clone)]
+struct Rabbit {
+    url: String,
+    queue_type: QueueType,
+    producer: Arc<OnceCell<AmqpProducer>>,
+}
+
+async fn rabbit(queue_type: QueueType) -> Option<Rabbit> {
+    Some(Rabbit {
+        url: url()?,
+        queue_type,
+        producer: Arc::default(),
+    })
+}
+
+async fn quorum() -> Option<Rabbit> {
+    rabbit(QueueType::Quorum).await
+}
+
+async fn classic() -> Option<Rabbit> {
+    rabbit(QueueType::Classic).await
+}
+
+mod adapter {
+    idem_conformance::adapter_tests!(super::quorum);
+}
+
+mod adapter_classic {
+    idem_conformance::adapter_tests!(super::classic);
+}
+
+impl BrokerHarness for Rabbit {
+    type Source = AmqpSource;
+
+    fn destination(&self, check: &str) -> String {
+        unique(check)
+    }
+
+    fn address(&self) -> SocketAddr {
+        socket_addr(&self.url)
+    }
+
+    async fn connect(&self, queue: &str, through: Option<SocketAddr>) -> AmqpSource {
+        let url = through.map_or_else(|| self.url.clone(), |addr| via(&self.url, addr));
+        AmqpSource::connect(&url, AmqpConfig::new(queue).queue_type(self.queue_type))
+            .await
+            .unwrap()
+    }
+
+    async fn publish(&self, queue: &str, message: &Outgoing) -> bool {
+        let producer = self
+            .producer
+            .get_or_init(|| async { AmqpProducer::connect(&self.url).await.unwrap() })
+            .await;
+        producer.publish("", queue, message).await.unwrap();
+        true
+    }
+
+    async fn dead_letters(&self, queue: &str) -> Vec<DeadLetter> {
+        drain(&self.url, &format!("{queue}.dlq"))
+            .await
+            .into_iter()
+            .map(|m| {
+                let props = &m.delivery.properties;
+                let mut message = Message::new(queue, m.delivery.data.clone());
+                if let Some(id) = props.message_id() {
+                    message = message.with_message_id(id.as_str());
+                }
+                let mut reason = String::new();
+                for (name, value) in props.headers().iter().flat_map(|h| h.inner()) {
+                    if let AMQPValue::LongString(v) = value {
+                        if name.as_str() == header::DEAD_LETTER_REASON {
+                            reason = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                        }
+                        message = message.with_header(name.as_str(), v.as_bytes().to_vec());
+                    }
+                }
+                DeadLetter { message, reason }
+            })
+            .collect()
+    }
+
+    async fn backlog(&self, queue: &str) -> u64 {
+        // Unacked deliveries are requeued when their consumer's channel goes: wait for that
+        // (no consumer left), then count what is ready.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (ready, consumers) = queue_state(&self.url, queue).await;
+            if consumers == 0 {
+                return u64::from(ready);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{queue} still has {consumers} consumers"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn redelivery_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn cleanup(&self, queue: &str) {
+        cleanup(&self.url, queue).await;
+    }
+}
+
+/// Ready messages and consumers of `queue` (a passive declare; unacked messages are not
+/// counted).
+async fn queue_state(url: &str, queue: &str) -> (u32, u32) {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    (q.message_count(), q.consumer_count())
 }
 
 /// Deletes a test's queues and exchange.
@@ -39,7 +175,7 @@ async fn cleanup(url: &str, queue: &str) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
-/// Gets everything in `queue` without consuming it for good (basic.get, then ack).
+/// Takes everything in `queue` (basic.get with auto-ack).
 async fn drain(url: &str, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
@@ -59,342 +195,6 @@ async fn drain(url: &str, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
 
 fn ns() -> Namespace {
     Namespace::new("amqp-test").unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn producer_retries_are_applied_once() {
-    // A producer that lost its confirms publishes every message three times (same message id):
-    // the effect happens once per message and every copy is acked.
-    let Some(url) = url() else { return };
-    let queue = unique("dups");
-    let source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
-        .await
-        .unwrap();
-    let producer = AmqpProducer::connect(&url).await.unwrap();
-    let msgs: Vec<Outgoing> = (0..100)
-        .map(|i| Outgoing::new(format!("{{\"n\": {i}}}").into_bytes()))
-        .collect();
-    for round in 0..3 {
-        for m in &msgs {
-            producer.publish_once("", &queue, m).await.unwrap();
-        }
-        let _ = round;
-    }
-    let ledger = Ledger::default();
-    let (store, _dir) = sqlite_store();
-    let consumer =
-        Consumer::new(source, Executor::new(store), ns(), ledger.handler()).batch_size(32);
-    let (stats, running) = start(consumer);
-    until(30, "300 acks", || stats.snapshot().acked == 300).await;
-    let snap = running.stop().await;
-    ledger.assert_exactly_once(msgs.iter().map(Outgoing::id));
-    assert_eq!((snap.executed, snap.replayed), (100, 200));
-    assert!(drain(&url, &queue).await.is_empty(), "every copy acked");
-    cleanup(&url, &queue).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_go_to_the_dead_letter_queue_with_the_reason() {
-    let Some(url) = url() else { return };
-    let queue = unique("poison");
-    let source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
-        .await
-        .unwrap();
-    // A message without a message id, published raw.
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_publish(
-        "".into(),
-        queue.as_str().into(),
-        Default::default(),
-        b"no id here",
-        lapin::BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    let producer = AmqpProducer::connect(&url).await.unwrap();
-    let good = Outgoing::new(&b"fine"[..]);
-    producer.publish("", &queue, &good).await.unwrap();
-
-    let ledger = Ledger::default();
-    let consumer = Consumer::new(
-        source,
-        Executor::new(idem::MemoryStore::new()),
-        ns(),
-        ledger.handler(),
-    );
-    let (stats, running) = start(consumer);
-    until(30, "settled", || {
-        let s = stats.snapshot();
-        s.acked == 1 && s.dead_lettered == 1
-    })
-    .await;
-    running.stop().await;
-    ledger.assert_exactly_once([good.id()]);
-    let dead = drain(&url, &format!("{queue}.dlq")).await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].delivery.data, b"no id here");
-    let headers = dead[0].delivery.properties.headers().clone().unwrap();
-    let reason = headers.inner().get(header::DEAD_LETTER_REASON).unwrap();
-    let lapin::types::AMQPValue::LongString(reason) = reason else {
-        panic!("reason is {reason:?}")
-    };
-    let reason = String::from_utf8_lossy(reason.as_bytes());
-    assert!(reason.contains("no message id"), "{reason}");
-    assert!(drain(&url, &queue).await.is_empty());
-    let _ = conn.close(200, "bye".into()).await;
-    cleanup(&url, &queue).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delayed_nacks_hold_then_requeue_with_a_delivery_count() {
-    let Some(url) = url() else { return };
-    let queue = unique("nack");
-    let mut source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
-        .await
-        .unwrap();
-    let producer = AmqpProducer::connect(&url).await.unwrap();
-    producer
-        .publish("", &queue, &Outgoing::new(&b"x"[..]))
-        .await
-        .unwrap();
-    let acker = source.acker();
-    let first = source.receive(10).await.unwrap().pop().unwrap();
-    assert_eq!(first.message.delivery_count(), 1);
-    let nacked = Instant::now();
-    acker
-        .nack(first.delivery, Duration::from_millis(600))
-        .await
-        .unwrap();
-    let again = source.receive(10).await.unwrap().pop().unwrap();
-    assert!(
-        nacked.elapsed() >= Duration::from_millis(550),
-        "{:?}",
-        nacked.elapsed()
-    );
-    // Quorum queues count deliveries.
-    assert_eq!(again.message.delivery_count(), 2);
-    acker.ack(vec![again.delivery]).await.unwrap();
-    source.close().await;
-    assert!(drain(&url, &queue).await.is_empty());
-    cleanup(&url, &queue).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_acks_never_cover_a_delivery_still_in_hand() {
-    // Acks use `multiple = true` for runs of the oldest tags; a delivery held for a delayed
-    // nack in the middle must not be acked by it (it would be lost).
-    let Some(url) = url() else { return };
-    let queue = unique("multi");
-    let mut source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
-        .await
-        .unwrap();
-    let producer = AmqpProducer::connect(&url).await.unwrap();
-    for i in 0..10 {
-        producer
-            .publish("", &queue, &Outgoing::with_id(format!("m-{i}"), &b"x"[..]))
-            .await
-            .unwrap();
-    }
-    let acker = source.acker();
-    let mut got = Vec::new();
-    while got.len() < 10 {
-        got.extend(source.receive(10).await.unwrap());
-    }
-    let mut got: Vec<_> = got.into_iter().collect();
-    let held = got.remove(3);
-    let held_id = held.message.message_id().unwrap().to_owned();
-    acker
-        .ack(got.into_iter().map(|i| i.delivery).collect())
-        .await
-        .unwrap();
-    acker
-        .nack(held.delivery, Duration::from_millis(300))
-        .await
-        .unwrap();
-    let back = source.receive(10).await.unwrap();
-    assert_eq!(back.len(), 1);
-    assert_eq!(back[0].message.message_id(), Some(held_id.as_str()));
-    let back = back.into_iter().next().unwrap();
-    acker.ack(vec![back.delivery]).await.unwrap();
-    source.close().await;
-    assert!(drain(&url, &queue).await.is_empty());
-    cleanup(&url, &queue).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_acked_out_of_order_are_all_acked() {
-    // The younger batch finishes first: its acks wait for the older batch's decision and then
-    // go out together with it; a held delivery in the older batch is not covered.
-    let Some(url) = url() else { return };
-    let queue = unique("order");
-    let mut source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
-        .await
-        .unwrap();
-    let producer = AmqpProducer::connect(&url).await.unwrap();
-    for i in 0..20 {
-        producer
-            .publish("", &queue, &Outgoing::with_id(format!("m-{i}"), &b"x"[..]))
-            .await
-            .unwrap();
-    }
-    let acker = source.acker();
-    let mut got = Vec::new();
-    while got.len() < 20 {
-        got.extend(source.receive(20).await.unwrap());
-    }
-    let younger = got.split_off(10);
-    let mut older = got;
-    let held = older.remove(2);
-    let held_id = held.message.message_id().unwrap().to_owned();
-    acker
-        .ack(younger.into_iter().map(|i| i.delivery).collect())
-        .await
-        .unwrap();
-    acker
-        .nack(held.delivery, Duration::from_millis(300))
-        .await
-        .unwrap();
-    acker
-        .ack(older.into_iter().map(|i| i.delivery).collect())
-        .await
-        .unwrap();
-    let back = source.receive(10).await.unwrap();
-    assert_eq!(back.len(), 1);
-    assert_eq!(back[0].message.message_id(), Some(held_id.as_str()));
-    acker
-        .ack(back.into_iter().map(|i| i.delivery).collect())
-        .await
-        .unwrap();
-    source.close().await;
-    assert!(drain(&url, &queue).await.is_empty());
-    cleanup(&url, &queue).await;
-}
-
-#[test]
-fn consumer_killed_mid_batch_is_redelivered_and_applied_once() {
-    // RabbitMQ requeues everything the dead consumer held when its connection goes.
-    let Some(url) = url() else { return };
-    let main = tokio::runtime::Runtime::new().unwrap();
-    let queue = unique("kill");
-    let producer = main.block_on(AmqpProducer::connect(&url)).unwrap();
-    common::killed_mid_batch(
-        &main,
-        || async {
-            AmqpSource::connect(&url, AmqpConfig::new(&queue))
-                .await
-                .unwrap()
-        },
-        |m| {
-            let producer = &producer;
-            let queue = &queue;
-            async move { producer.publish("", queue, &m).await.unwrap() }
-        },
-        || async { ready(&url, &queue).await == 0 },
-        || async { drain(&url, &queue).await.is_empty() },
-    );
-    main.block_on(cleanup(&url, &queue));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_connections_reconnect_and_lose_nothing() {
-    // The network drops the consumer's TCP connection twice mid-stream. Deliveries on the dead
-    // connection cannot be acked (their tags die with it) and are requeued by the broker; the
-    // source reconnects with backoff; every message is applied once and acked once.
-    let Some(url) = url() else { return };
-    let queue = unique("drop");
-    let proxy = Proxy::start(socket_addr(&url)).await;
-    let proxied = via(&url, proxy.addr);
-    let source = AmqpSource::connect(&proxied, AmqpConfig::new(&queue).prefetch(20))
-        .await
-        .unwrap();
-    let producer = AmqpProducer::connect(&url).await.unwrap();
-    let msgs = numbered(300);
-    for m in &msgs {
-        producer.publish("", &queue, m).await.unwrap();
-    }
-    let ledger = Ledger::default();
-    let (stats, running, _store_dir) = start_slow(source, &ledger, 30);
-    until(30, "some progress", || stats.snapshot().acked >= 50).await;
-    proxy.cut_when_connected().await;
-    until(30, "progress after the first cut", || {
-        stats.snapshot().acked >= 150
-    })
-    .await;
-    proxy.cut_when_connected().await;
-    until(60, "all applied", || ledger.len() == 300).await;
-    // Redelivered copies of what was executed before a cut are replayed and acked.
-    wait_settled(&url, &queue, &stats).await;
-    let snap = running.stop().await;
-    ledger.assert_exactly_once(msgs.iter().map(Outgoing::id));
-    assert!(drain(&url, &queue).await.is_empty(), "{snap:?}");
-    cleanup(&url, &queue).await;
-}
-
-/// Ready messages in the queue (unacked ones are not counted by the broker).
-async fn ready(url: &str, queue: &str) -> u32 {
-    let conn = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
-    q.message_count()
-}
-
-/// Waits until the queue has nothing ready and the consumer's counters stay still for longer
-/// than any delayed nack it may hold (the tests' leases are at most 2 s).
-async fn wait_settled(url: &str, queue: &str, stats: &idem_broker::Stats) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let before = stats.snapshot();
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        if ready(url, queue).await == 0 && stats.snapshot() == before {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "consumer never settled: {:?}",
-            stats.snapshot()
-        );
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_of_deliveries_survives_receive_being_dropped() {
-    // Shutdown drops a pending receive; nothing it would have returned is lost.
-    let Some(url) = url() else { return };
-    let queue = unique("cancel");
-    let mut source = AmqpSource::connect(&url, AmqpConfig::new(&queue))
-        .await
-        .unwrap();
-    let pending = tokio::time::timeout(Duration::from_millis(200), source.receive(10)).await;
-    assert!(pending.is_err(), "nothing to receive yet");
-    let producer = AmqpProducer::connect(&url).await.unwrap();
-    producer
-        .publish("", &queue, &Outgoing::with_id("late", &b"x"[..]))
-        .await
-        .unwrap();
-    let got = source.receive(10).await.unwrap();
-    assert_eq!(got[0].message.message_id(), Some("late"));
-    source.close().await;
-    // Closed without an ack: back in the queue.
-    let left = drain(&url, &queue).await;
-    assert_eq!(left.len(), 1);
-    let _ = futures_util::stream::iter(left).collect::<Vec<_>>().await;
-    cleanup(&url, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

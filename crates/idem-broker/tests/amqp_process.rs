@@ -95,12 +95,7 @@ fn spawn_child(queue: &str, dir: &Path) -> Child {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} failed");
+    idem_testkit::signal(sig, [child.id()]);
 }
 
 fn wait_for_line(dir: &Path, line: &str) {
@@ -176,7 +171,7 @@ fn sigterm_finishes_the_message_in_hand_acks_it_and_takes_no_more() {
     });
     let mut child = spawn_child(&queue, dir.path());
     wait_for_line(dir.path(), "start m-0");
-    signal(&child, "-TERM");
+    signal(&child, "TERM");
     let status = child.wait().unwrap();
     assert!(status.success(), "the child exited with {status}");
     assert_eq!(log_lines(dir.path()), ["start m-0", "effect m-0"]);
@@ -215,7 +210,7 @@ fn sigkill_mid_handler_is_redelivered_and_applied_once() {
     });
     let mut child = spawn_child(&queue, dir.path());
     wait_for_line(dir.path(), "start m-0");
-    signal(&child, "-KILL");
+    signal(&child, "KILL");
     let _ = child.wait();
     assert_eq!(log_lines(dir.path()), ["start m-0"]);
 

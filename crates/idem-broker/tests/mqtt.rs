@@ -1,23 +1,28 @@
-//! MQTT adapter against the live Mosquitto (`IDEM_MQTT_URL`), and a private `mosquitto` for the
-//! restart test. Each test uses its own topics and client ids.
+//! MQTT adapter against the live Mosquitto (`IDEM_MQTT_URL`): the adapter suite
+//! (`idem_conformance::broker`), then what only MQTT has: a broker restart on a private
+//! `mosquitto` (the session survives it), the session that keeps dead letters. Each test uses
+//! its own topics and client ids, and removes its sessions.
 #![cfg(feature = "mqtt")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Ledger, Proxy, ServerProcess, free_port, numbered, socket_addr, sqlite_store, start,
-    start_slow, unique, until, via,
+    Ledger, ServerProcess, free_port, numbered, socket_addr, start, start_slow, unique, until, via,
 };
 use idem::{Executor, MemoryStore, Namespace};
 use idem_broker::mqtt::{MqttConfig, MqttProducer, MqttSource};
-use idem_broker::{Consumer, Outgoing, Source, header};
+use idem_broker::{Consumer, Message, Outgoing, Source, header};
+use idem_conformance::broker::{BrokerHarness, DeadLetter};
 use idem_conformance::server;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::OnceCell;
 
 fn url() -> Option<String> {
     server::url(server::MQTT)
@@ -27,8 +32,14 @@ fn ns() -> Namespace {
     Namespace::new("mqtt-test").unwrap()
 }
 
+/// The topic a client id consumes in these tests.
+fn topic(client_id: &str) -> String {
+    format!("{client_id}/orders")
+}
+
 /// Reconnects as `config`'s client and counts what the broker still holds for the session
-/// (unacked or queued), within `wait`; then removes the session.
+/// (unacked or queued; at most Mosquitto's in-flight window, 20), within `wait`. The session
+/// stays, with those messages unacked.
 async fn left_in_session(url: &str, config: &MqttConfig, wait: Duration) -> usize {
     let mut source = MqttSource::connect(url, config.clone()).await.unwrap();
     let mut n = 0;
@@ -39,7 +50,7 @@ async fn left_in_session(url: &str, config: &MqttConfig, wait: Duration) -> usiz
     n
 }
 
-/// Reads the dead letters kept for `config`'s dead-letter session.
+/// Reads the dead letters kept for `config`'s dead-letter session (and lets the session end).
 async fn dead_letters(url: &str, config: &MqttConfig) -> Vec<rumqttc::v5::mqttbytes::v5::Publish> {
     let (host, port) = idem_conformance::server::host_port(url).unwrap();
     let mut opts = MqttOptions::new(config.dead_letter_client_id(), host, port);
@@ -56,149 +67,87 @@ async fn dead_letters(url: &str, config: &MqttConfig) -> Vec<rumqttc::v5::mqttby
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn producer_retries_are_applied_once() {
-    let Some(url) = url() else { return };
-    let id = unique("dups");
-    let topic = format!("{id}/orders");
-    let config = MqttConfig::new(&id, &topic);
-    let source = MqttSource::connect(&url, config.clone()).await.unwrap();
-    let producer = MqttProducer::connect(&url).await.unwrap();
-    let msgs: Vec<Outgoing> = (0..50)
-        .map(|i| Outgoing::new(format!("{i}").into_bytes()))
-        .collect();
-    for _ in 0..3 {
-        for m in &msgs {
-            producer.publish_once(&topic, m).await.unwrap();
-        }
-    }
-    let ledger = Ledger::default();
-    let (store, _dir) = sqlite_store();
-    let (stats, running) =
-        start(Consumer::new(source, Executor::new(store), ns(), ledger.handler()).batch_size(16));
-    until(30, "150 acks", || stats.snapshot().acked == 150).await;
-    let snap = running.stop().await;
-    ledger.assert_exactly_once(msgs.iter().map(Outgoing::id));
-    assert_eq!((snap.executed, snap.replayed), (50, 100));
-    assert_eq!(
-        left_in_session(&url, &config, Duration::from_millis(800)).await,
-        0
-    );
+/// The adapter suite's view of Mosquitto: a client id per check, consuming `<id>/orders` in a
+/// persistent session, with its dead letters kept by the session `<id>.dead-letter`.
+#[derive(Clone)]
+struct Mosquitto {
+    url: String,
+    producer: Arc<OnceCell<MqttProducer>>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_are_dead_lettered_with_the_reason() {
-    let Some(url) = url() else { return };
-    let id = unique("poison");
-    let topic = format!("{id}/orders");
-    let config = MqttConfig::new(&id, &topic);
-    let source = MqttSource::connect(&url, config.clone()).await.unwrap();
-    // An MQTT 3.1.1-style message: no user property, so no message id.
-    let (host, port) = idem_conformance::server::host_port(&url).unwrap();
-    let (raw, mut raw_events) = AsyncClient::new(MqttOptions::new(unique("raw"), host, port), 8);
-    raw.publish(&topic, QoS::AtLeastOnce, false, "no id")
-        .await
-        .unwrap();
-    let pump = tokio::spawn(async move {
-        loop {
-            if let Ok(Event::Incoming(Packet::PubAck(_))) = raw_events.poll().await {
-                break;
-            }
-        }
-    });
-    pump.await.unwrap();
-    let producer = MqttProducer::connect(&url).await.unwrap();
-    let good = Outgoing::new(&b"fine"[..]);
-    producer.publish(&topic, &good).await.unwrap();
-    let ledger = Ledger::default();
-    let (stats, running) = start(Consumer::new(
-        source,
-        Executor::new(MemoryStore::new()),
-        ns(),
-        ledger.handler(),
-    ));
-    until(30, "settled", || {
-        let s = stats.snapshot();
-        s.acked == 1 && s.dead_lettered == 1
+async fn harness() -> Option<Mosquitto> {
+    Some(Mosquitto {
+        url: url()?,
+        producer: Arc::default(),
     })
-    .await;
-    running.stop().await;
-    ledger.assert_exactly_once([good.id()]);
-    let dead = dead_letters(&url, &config).await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(&dead[0].payload[..], b"no id");
-    let props = dead[0].properties.clone().unwrap();
-    let reason = props
-        .user_properties
-        .iter()
-        .find(|(k, _)| k == header::DEAD_LETTER_REASON)
-        .map(|(_, v)| v.clone())
-        .unwrap();
-    assert!(reason.contains("no message id"), "{reason}");
-    assert_eq!(
-        left_in_session(&url, &config, Duration::from_millis(800)).await,
-        0
-    );
 }
 
-#[test]
-fn consumer_killed_mid_batch_resumes_its_session_and_applies_once() {
-    // The persistent session keeps every unacked message; the restarted consumer (same client
-    // id) gets them again.
-    let Some(url) = url() else { return };
-    let main = tokio::runtime::Runtime::new().unwrap();
-    let id = unique("kill");
-    let topic = format!("{id}/orders");
-    let config = MqttConfig::new(&id, &topic);
-    let producer = main.block_on(MqttProducer::connect(&url)).unwrap();
-    common::killed_mid_batch(
-        &main,
-        || async { MqttSource::connect(&url, config.clone()).await.unwrap() },
-        |m| {
-            let (producer, topic) = (&producer, &topic);
-            async move { producer.publish(topic, &m).await.unwrap() }
-        },
-        // Checking the session would take it over from the running consumer: only after.
-        || async { true },
-        || async { left_in_session(&url, &config, Duration::from_millis(800)).await == 0 },
-    );
+mod adapter {
+    idem_conformance::adapter_tests!(super::harness);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_connections_resume_the_session_and_lose_nothing() {
-    // The network drops the consumer's connection twice mid-stream. The session resumes, the
-    // broker resends unacked messages; stale copies are not acked under reused packet ids;
-    // every message is applied once and nothing stays unacked.
-    let Some(url) = url() else { return };
-    let proxy = Proxy::start(socket_addr(&url)).await;
-    let proxied = via(&url, proxy.addr);
-    let id = unique("drop");
-    let topic = format!("{id}/orders");
-    let config = MqttConfig::new(&id, &topic);
-    let source = MqttSource::connect(&proxied, config.clone()).await.unwrap();
-    let producer = MqttProducer::connect(&url).await.unwrap();
-    let msgs = numbered(150);
-    for m in &msgs {
-        producer.publish(&topic, m).await.unwrap();
+impl BrokerHarness for Mosquitto {
+    type Source = MqttSource;
+
+    fn destination(&self, check: &str) -> String {
+        unique(check)
     }
-    let ledger = Ledger::default();
-    let (stats, running, _store_dir) = start_slow(source, &ledger, 20);
-    until(30, "some progress", || stats.snapshot().acked >= 30).await;
-    proxy.cut_when_connected().await;
-    until(30, "progress after the first cut", || {
-        stats.snapshot().acked >= 80
-    })
-    .await;
-    proxy.cut_when_connected().await;
-    until(60, "all applied", || ledger.len() == 150).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let snap = running.stop().await;
-    ledger.assert_exactly_once(msgs.iter().map(Outgoing::id));
-    assert_eq!(
-        left_in_session(&url, &config, Duration::from_millis(800)).await,
-        0,
-        "{snap:?}"
-    );
+
+    fn address(&self) -> SocketAddr {
+        socket_addr(&self.url)
+    }
+
+    async fn connect(&self, client_id: &str, through: Option<SocketAddr>) -> MqttSource {
+        let url = through.map_or_else(|| self.url.clone(), |addr| via(&self.url, addr));
+        MqttSource::connect(&url, MqttConfig::new(client_id, topic(client_id)))
+            .await
+            .unwrap()
+    }
+
+    async fn publish(&self, client_id: &str, message: &Outgoing) -> bool {
+        let producer = self
+            .producer
+            .get_or_init(|| async { MqttProducer::connect(&self.url).await.unwrap() })
+            .await;
+        producer.publish(&topic(client_id), message).await.unwrap();
+        true
+    }
+
+    async fn dead_letters(&self, client_id: &str) -> Vec<DeadLetter> {
+        let config = MqttConfig::new(client_id, topic(client_id));
+        dead_letters(&self.url, &config)
+            .await
+            .into_iter()
+            .map(|p| {
+                let mut message = Message::new(topic(client_id), p.payload.clone());
+                let mut reason = String::new();
+                for (name, value) in p.properties.iter().flat_map(|p| &p.user_properties) {
+                    if name == header::MESSAGE_ID {
+                        message = message.with_message_id(value.as_str());
+                    } else if name == header::DEAD_LETTER_REASON {
+                        reason.clone_from(value);
+                    }
+                    message = message.with_header(name.as_str(), value.clone());
+                }
+                DeadLetter { message, reason }
+            })
+            .collect()
+    }
+
+    async fn backlog(&self, client_id: &str) -> u64 {
+        let config = MqttConfig::new(client_id, topic(client_id));
+        left_in_session(&self.url, &config, Duration::from_millis(800)).await as u64
+    }
+
+    fn redelivery_timeout(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn cleanup(&self, client_id: &str) {
+        let config = MqttConfig::new(client_id, topic(client_id));
+        remove_session(&self.url, client_id).await;
+        remove_session(&self.url, &config.dead_letter_client_id()).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,7 +172,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_applies_once() {
     .unwrap();
     let conf = conf.to_string_lossy().into_owned();
     let args = ["-c", conf.as_str()];
-    let Some(server) = ServerProcess::start("mosquitto", &args, port) else {
+    let Some(mut server) = ServerProcess::start("mosquitto", &args, port) else {
         return;
     };
     let url = format!("mqtt://127.0.0.1:{port}");
@@ -239,7 +188,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_applies_once() {
     let ledger = Ledger::default();
     let (stats, running, _store_dir) = start_slow(source, &ledger, 30);
     until(30, "some progress", || stats.snapshot().acked >= 20).await;
-    terminate(server);
+    server.terminate();
     let Some(_server) = ServerProcess::start("mosquitto", &args, port) else {
         return;
     };
@@ -251,16 +200,6 @@ async fn a_broker_restart_mid_stream_loses_nothing_and_applies_once() {
         left_in_session(&url, &config, Duration::from_millis(800)).await,
         0
     );
-}
-
-/// Stops a server with SIGTERM and waits for it to exit.
-fn terminate(mut server: ServerProcess) {
-    let pid = server.pid().unwrap();
-    let _ = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
-    server.wait();
 }
 
 /// Removes a session from the broker: connects as its client with a clean start and no session
@@ -345,4 +284,6 @@ async fn a_lost_dead_letter_session_is_declared_again_and_nothing_stalls() {
         left_in_session(&url, &config, Duration::from_millis(800)).await,
         0
     );
+    remove_session(&url, &id).await;
+    remove_session(&url, &config.dead_letter_client_id()).await;
 }

@@ -1,20 +1,27 @@
-//! NATS JetStream adapter against the live server (`IDEM_NATS_URL`), and against a private
-//! `nats-server` for the restart test. Each test uses its own streams and deletes them.
+//! NATS JetStream adapter against the live server (`IDEM_NATS_URL`): the adapter suite
+//! (`idem_conformance::broker`), then what only JetStream has: its publish dedup window, a
+//! server restart on a private `nats-server`, the dead-letter stream as an ordinary stream.
+//! Each test uses its own streams and deletes them.
 #![cfg(feature = "nats")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    Ledger, ServerProcess, free_port, numbered, sqlite_store, start, start_slow, unique, until,
+    Ledger, ServerProcess, free_port, numbered, socket_addr, sqlite_store, start, start_slow,
+    unique, until, via,
 };
 use futures_util::StreamExt;
-use idem::{Attempt, Executor, MemoryStore, Namespace};
+use idem::{Executor, Namespace};
 use idem_broker::nats::{NatsConfig, NatsProducer, NatsSource};
 use idem_broker::{Acker, Consumer, Message, Outgoing, Source, header};
+use idem_conformance::broker::{BrokerHarness, DeadLetter};
 use idem_conformance::server;
+use tokio::sync::OnceCell;
 
 fn url() -> Option<String> {
     server::url(server::NATS)
@@ -56,6 +63,112 @@ async fn consumer_backlog(url: &str, config: &NatsConfig) -> u64 {
     info.num_pending + info.num_ack_pending as u64
 }
 
+/// The adapter suite's view of JetStream: a stream per check (`<NAME>` capturing `<name>.>`,
+/// its dead-letter stream `<NAME>_DLQ`), one durable consumer `c` with a 2 s ack wait.
+#[derive(Clone)]
+struct Jetstream {
+    url: String,
+    producer: Arc<OnceCell<NatsProducer>>,
+}
+
+async fn harness() -> Option<Jetstream> {
+    Some(Jetstream {
+        url: url()?,
+        producer: Arc::default(),
+    })
+}
+
+mod adapter {
+    idem_conformance::adapter_tests!(super::harness);
+}
+
+/// The ack wait of the suite's consumers: a delivery not acked (or reported in progress)
+/// within it is redelivered.
+const ACK_WAIT: Duration = Duration::from_secs(2);
+
+fn suite_config(stream: &str) -> NatsConfig {
+    NatsConfig::new(stream, format!("{}.>", stream.to_lowercase()), "c").ack_wait(ACK_WAIT)
+}
+
+impl BrokerHarness for Jetstream {
+    type Source = NatsSource;
+
+    fn destination(&self, check: &str) -> String {
+        names(check).0
+    }
+
+    fn address(&self) -> SocketAddr {
+        socket_addr(&self.url)
+    }
+
+    async fn connect(&self, stream: &str, through: Option<SocketAddr>) -> NatsSource {
+        let url = through.map_or_else(|| self.url.clone(), |addr| via(&self.url, addr));
+        NatsSource::connect(&url, suite_config(stream))
+            .await
+            .unwrap()
+    }
+
+    async fn publish(&self, stream: &str, message: &Outgoing) -> bool {
+        let producer = self
+            .producer
+            .get_or_init(|| async { NatsProducer::connect(&self.url).await.unwrap() })
+            .await;
+        let subject = format!("{}.a", stream.to_lowercase());
+        !producer.publish(&subject, message).await.unwrap().duplicate
+    }
+
+    async fn dead_letters(&self, stream: &str) -> Vec<DeadLetter> {
+        let config = suite_config(stream);
+        let Ok(mut dlq) = js(&self.url)
+            .await
+            .get_stream(&config.dead_letter_stream)
+            .await
+        else {
+            return Vec::new();
+        };
+        let state = &dlq.info().await.unwrap().state;
+        let (first, last, messages) = (state.first_sequence, state.last_sequence, state.messages);
+        let mut out = Vec::new();
+        if messages == 0 {
+            return out;
+        }
+        for seq in first..=last {
+            let Ok(raw) = dlq.get_raw_message(seq).await else {
+                continue;
+            };
+            let mut message = Message::new(stream, raw.payload.clone());
+            let mut reason = String::new();
+            for (name, values) in raw.headers.iter() {
+                let name: &str = name.as_ref();
+                let Some(value) = values.first() else {
+                    continue;
+                };
+                let value = value.as_str();
+                if name == header::MESSAGE_ID {
+                    message = message.with_message_id(value);
+                } else if name == header::DEAD_LETTER_REASON {
+                    reason = value.to_owned();
+                }
+                message = message.with_header(name, value.as_bytes().to_vec());
+            }
+            out.push(DeadLetter { message, reason });
+        }
+        out
+    }
+
+    async fn backlog(&self, stream: &str) -> u64 {
+        consumer_backlog(&self.url, &suite_config(stream)).await
+    }
+
+    fn redelivery_timeout(&self) -> Option<Duration> {
+        Some(ACK_WAIT)
+    }
+
+    async fn cleanup(&self, stream: &str) {
+        cleanup(&self.url, &suite_config(stream)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_retries_are_deduplicated_by_the_server_and_then_by_the_store() {
     // Retries within the duplicate window are dropped by JetStream (`Nats-Msg-Id`); retries
@@ -90,151 +203,6 @@ async fn producer_retries_are_deduplicated_by_the_server_and_then_by_the_store()
     assert_eq!((snap.executed, snap.replayed), (50, 50));
     assert_eq!(consumer_backlog(&url, &config).await, 0);
     cleanup(&url, &config).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_go_to_the_dead_letter_stream_with_the_reason() {
-    let Some(url) = url() else { return };
-    let (stream, subjects) = names("poison");
-    let subject = subjects.replace('>', "x");
-    let config = NatsConfig::new(&stream, &subjects, "c");
-    let source = NatsSource::connect(&url, config.clone()).await.unwrap();
-    let js = js(&url).await;
-    // No Nats-Msg-Id: no key.
-    js.publish(subject.clone(), "no id".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let producer = NatsProducer::connect(&url).await.unwrap();
-    let good = Outgoing::new(&b"fine"[..]);
-    producer.publish(&subject, &good).await.unwrap();
-
-    let ledger = Ledger::default();
-    let (stats, running) = start(Consumer::new(
-        source,
-        Executor::new(MemoryStore::new()),
-        ns(),
-        ledger.handler(),
-    ));
-    until(30, "settled", || {
-        let s = stats.snapshot();
-        s.acked == 1 && s.dead_lettered == 1
-    })
-    .await;
-    running.stop().await;
-    ledger.assert_exactly_once([good.id()]);
-    let dlq = js.get_stream(&config.dead_letter_stream).await.unwrap();
-    let dead = dlq.get_raw_message(1).await.unwrap();
-    assert_eq!(&dead.payload[..], b"no id");
-    let reason = dead
-        .headers
-        .get(header::DEAD_LETTER_REASON)
-        .unwrap()
-        .as_str()
-        .to_owned();
-    assert!(reason.contains("no message id"), "{reason}");
-    assert_eq!(
-        consumer_backlog(&url, &config).await,
-        0,
-        "the poison message was acked"
-    );
-    cleanup(&url, &config).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn naks_are_delayed_and_counted() {
-    let Some(url) = url() else { return };
-    let (stream, subjects) = names("nak");
-    let config = NatsConfig::new(&stream, &subjects, "c");
-    let mut source = NatsSource::connect(&url, config.clone()).await.unwrap();
-    let producer = NatsProducer::connect(&url).await.unwrap();
-    producer
-        .publish(&subjects.replace('>', "a"), &Outgoing::new(&b"x"[..]))
-        .await
-        .unwrap();
-    let acker = source.acker();
-    let first = source.receive(10).await.unwrap().pop().unwrap();
-    assert_eq!(first.message.delivery_count(), 1);
-    let nacked = Instant::now();
-    acker
-        .nack(first.delivery, Duration::from_millis(700))
-        .await
-        .unwrap();
-    let again = source.receive(10).await.unwrap().pop().unwrap();
-    assert!(
-        nacked.elapsed() >= Duration::from_millis(600),
-        "{:?}",
-        nacked.elapsed()
-    );
-    assert_eq!(again.message.delivery_count(), 2);
-    acker.ack(vec![again.delivery]).await.unwrap();
-    source.close().await;
-    assert_eq!(consumer_backlog(&url, &config).await, 0);
-    cleanup(&url, &config).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_keeps_a_long_handler_from_being_redelivered() {
-    // A handler that outlives the ack wait (1 s) several times over: the `+WPI` progress reports
-    // keep JetStream from redelivering it, so it is delivered once and acked once.
-    let Some(url) = url() else { return };
-    let (stream, subjects) = names("wpi");
-    let config = NatsConfig::new(&stream, &subjects, "c").ack_wait(Duration::from_secs(1));
-    let source = NatsSource::connect(&url, config.clone()).await.unwrap();
-    let producer = NatsProducer::connect(&url).await.unwrap();
-    let msg = Outgoing::new(&b"slow"[..]);
-    producer
-        .publish(&subjects.replace('>', "a"), &msg)
-        .await
-        .unwrap();
-    let ledger = Ledger::default();
-    let l = ledger.clone();
-    let (stats, running) = start(Consumer::new(
-        source,
-        Executor::new(MemoryStore::new()),
-        ns(),
-        move |m: Message, _: Attempt| {
-            let l = l.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(3500)).await;
-                l.apply(&m);
-                Ok::<_, std::io::Error>(())
-            }
-        },
-    ));
-    until(30, "acked", || stats.snapshot().acked == 1).await;
-    let snap = running.stop().await;
-    assert_eq!(
-        snap.received, 1,
-        "redelivered while the handler ran: {snap:?}"
-    );
-    ledger.assert_exactly_once([msg.id()]);
-    cleanup(&url, &config).await;
-}
-
-#[test]
-fn consumer_killed_mid_batch_is_redelivered_and_applied_once() {
-    // JetStream redelivers what the dead consumer did not ack once the ack wait (2 s) ends.
-    let Some(url) = url() else { return };
-    let main = tokio::runtime::Runtime::new().unwrap();
-    let (stream, subjects) = names("kill");
-    let subject = subjects.replace('>', "a");
-    let config = NatsConfig::new(&stream, &subjects, "c").ack_wait(Duration::from_secs(2));
-    let producer = main.block_on(NatsProducer::connect(&url)).unwrap();
-    common::killed_mid_batch(
-        &main,
-        || async { NatsSource::connect(&url, config.clone()).await.unwrap() },
-        |m| {
-            let (producer, subject) = (&producer, &subject);
-            async move {
-                producer.publish(subject, &m).await.unwrap();
-            }
-        },
-        || async { consumer_backlog(&url, &config).await == 0 },
-        || async { consumer_backlog(&url, &config).await == 0 },
-    );
-    main.block_on(cleanup(&url, &config));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

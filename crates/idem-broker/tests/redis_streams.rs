@@ -1,20 +1,28 @@
-//! Redis Streams adapter against the live server (`IDEM_REDIS_URL`), and against a private
-//! `redis-server` for the restart test. Each test uses its own stream keys and deletes them.
+//! Redis Streams adapter against the live server (`IDEM_REDIS_URL`): the adapter suite
+//! (`idem_conformance::broker`), then what only Redis Streams has: claimed entries' delivery
+//! counts, the consumer group re-created after the stream is deleted (and not over a kept
+//! stream), restarts of a private `redis-server` (one loading its dataset). Each test uses its
+//! own stream keys and deletes them.
 #![cfg(feature = "redis-streams")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Ledger, ServerProcess, free_port, numbered, sqlite_store, start, start_slow, unique, until,
+    Ledger, ServerProcess, free_port, numbered, socket_addr, sqlite_store, start, start_slow,
+    unique, until, via,
 };
-use idem::{Attempt, Executor, MemoryStore, Namespace};
+use idem::{Executor, Namespace};
 use idem_broker::redis_streams::{RedisStreamConfig, RedisStreamProducer, RedisStreamSource};
 use idem_broker::{Acker, Consumer, Message, Outgoing, Source, header};
+use idem_conformance::broker::{BrokerHarness, DeadLetter};
 use idem_conformance::server;
+use tokio::sync::OnceCell;
 
 fn url() -> Option<String> {
     server::url(server::REDIS)
@@ -24,10 +32,13 @@ fn ns() -> Namespace {
     Namespace::new("redis-test").unwrap()
 }
 
+/// How long an entry may stay unacked before another consumer claims it.
+const CLAIM_IDLE: Duration = Duration::from_secs(1);
+
 fn config(stream: &str, consumer: &str) -> RedisStreamConfig {
     let mut c = RedisStreamConfig::new(stream, "g")
         .consumer(consumer)
-        .claim_idle(Duration::from_secs(1));
+        .claim_idle(CLAIM_IDLE);
     c.claim_interval = Duration::from_millis(100);
     c.block = Duration::from_millis(200);
     c
@@ -67,202 +78,105 @@ async fn pending(url: &str, stream: &str) -> i64 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn producer_retries_are_applied_once() {
-    // Redis has no publish dedup: a producer retry appends the message again. The store
-    // recognises the copies by their message id.
-    let Some(url) = url() else { return };
-    let stream = unique("dups");
-    let source = RedisStreamSource::connect(&url, config(&stream, "c1"))
-        .await
-        .unwrap();
-    let producer = RedisStreamProducer::connect(&url).await.unwrap();
-    let msgs: Vec<Outgoing> = (0..100)
-        .map(|i| Outgoing::new(format!("{i}").into_bytes()))
-        .collect();
-    for _ in 0..3 {
-        for m in &msgs {
-            producer.publish_once(&stream, m).await.unwrap();
-        }
-    }
-    let ledger = Ledger::default();
-    let (store, _dir) = sqlite_store();
-    let (stats, running) =
-        start(Consumer::new(source, Executor::new(store), ns(), ledger.handler()).batch_size(32));
-    until(30, "300 acks", || stats.snapshot().acked == 300).await;
-    let snap = running.stop().await;
-    ledger.assert_exactly_once(msgs.iter().map(Outgoing::id));
-    assert_eq!((snap.executed, snap.replayed), (100, 200));
-    assert_eq!(pending(&url, &stream).await, 0);
-    cleanup(&url, &stream).await;
+/// The adapter suite's view of Redis Streams: a stream per check with the group `g` (a new
+/// consumer name for every source), claim idle 1 s, dead letters in `<stream>:dead-letter`.
+#[derive(Clone)]
+struct Streams {
+    url: String,
+    consumers: Arc<AtomicUsize>,
+    producer: Arc<OnceCell<RedisStreamProducer>>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_go_to_the_dead_letter_stream_atomically_with_the_ack() {
-    let Some(url) = url() else { return };
-    let stream = unique("poison");
-    let source = RedisStreamSource::connect(&url, config(&stream, "c1"))
-        .await
-        .unwrap();
-    let _: String = redis::cmd("XADD")
-        .arg(&stream)
-        .arg("*")
-        .arg("payload")
-        .arg("no id")
-        .query_async(&mut conn(&url).await)
-        .await
-        .unwrap();
-    let producer = RedisStreamProducer::connect(&url).await.unwrap();
-    let good = Outgoing::new(&b"fine"[..]);
-    producer.publish(&stream, &good).await.unwrap();
-    let ledger = Ledger::default();
-    let (stats, running) = start(Consumer::new(
-        source,
-        Executor::new(MemoryStore::new()),
-        ns(),
-        ledger.handler(),
-    ));
-    until(30, "settled", || {
-        let s = stats.snapshot();
-        s.acked == 1 && s.dead_lettered == 1
+async fn harness() -> Option<Streams> {
+    Some(Streams {
+        url: url()?,
+        consumers: Arc::default(),
+        producer: Arc::default(),
     })
-    .await;
-    running.stop().await;
-    ledger.assert_exactly_once([good.id()]);
-    let dead: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(format!("{stream}:dead-letter"))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn(&url).await)
-        .await
-        .unwrap();
-    assert_eq!(dead.ids.len(), 1);
-    let entry = &dead.ids[0];
-    let reason: String = entry.get(header::DEAD_LETTER_REASON).unwrap();
-    assert!(reason.contains("no message id"), "{reason}");
-    let payload: String = entry.get("payload").unwrap();
-    assert_eq!(payload, "no id");
-    assert_eq!(pending(&url, &stream).await, 0);
-    cleanup(&url, &stream).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nacked_entries_come_back_after_the_delay_with_a_count() {
-    let Some(url) = url() else { return };
-    let stream = unique("nack");
-    let mut source = RedisStreamSource::connect(&url, config(&stream, "c1"))
-        .await
-        .unwrap();
-    let producer = RedisStreamProducer::connect(&url).await.unwrap();
-    producer
-        .publish(&stream, &Outgoing::with_id("m", &b"x"[..]))
-        .await
-        .unwrap();
-    let acker = source.acker();
-    let mut first = Vec::new();
-    while first.is_empty() {
-        first = source.receive(10).await.unwrap();
+mod adapter {
+    idem_conformance::adapter_tests!(super::harness);
+}
+
+impl BrokerHarness for Streams {
+    type Source = RedisStreamSource;
+
+    fn destination(&self, check: &str) -> String {
+        unique(check)
     }
-    let first = first.pop().unwrap();
-    assert_eq!(first.message.delivery_count(), 1);
-    assert_eq!(first.message.message_id(), Some("m"));
-    let nacked = Instant::now();
-    acker
-        .nack(first.delivery, Duration::from_millis(500))
-        .await
-        .unwrap();
-    let mut again = Vec::new();
-    while again.is_empty() {
-        again = source.receive(10).await.unwrap();
+
+    fn address(&self) -> SocketAddr {
+        socket_addr(&self.url)
     }
-    assert!(
-        nacked.elapsed() >= Duration::from_millis(450),
-        "{:?}",
-        nacked.elapsed()
-    );
-    let again = again.pop().unwrap();
-    assert_eq!(again.message.delivery_count(), 2);
-    acker.ack(vec![again.delivery]).await.unwrap();
-    assert_eq!(pending(&url, &stream).await, 0);
-    cleanup(&url, &stream).await;
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_keeps_a_long_handler_from_being_claimed() {
-    // The handler runs three times `claim_idle`; XCLAIM progress keeps its entry from being
-    // claimed again (by this consumer's own XAUTOCLAIM, or another's).
-    let Some(url) = url() else { return };
-    let stream = unique("wpi");
-    let source = RedisStreamSource::connect(&url, config(&stream, "c1"))
-        .await
-        .unwrap();
-    let other = RedisStreamSource::connect(&url, config(&stream, "c2"))
-        .await
-        .unwrap();
-    let producer = RedisStreamProducer::connect(&url).await.unwrap();
-    let msg = Outgoing::new(&b"slow"[..]);
-    producer.publish(&stream, &msg).await.unwrap();
-    let ledger = Ledger::default();
-    let l = ledger.clone();
-    let (stats, running) = start(Consumer::new(
-        source,
-        Executor::new(MemoryStore::new()),
-        ns(),
-        move |m: Message, _: Attempt| {
-            let l = l.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(3000)).await;
-                l.apply(&m);
-                Ok::<_, std::io::Error>(())
-            }
-        },
-    ));
-    until(10, "received", || stats.snapshot().received == 1).await;
-    let (other_stats, other) = start(Consumer::new(
-        other,
-        Executor::new(MemoryStore::new()),
-        ns(),
-        ledger.handler(),
-    ));
-    until(30, "acked", || stats.snapshot().acked == 1).await;
-    let snap = running.stop().await;
-    other.stop().await;
-    assert_eq!(snap.received, 1, "{snap:?}");
-    assert_eq!(other_stats.snapshot().received, 0, "claimed while in hand");
-    ledger.assert_exactly_once([msg.id()]);
-    cleanup(&url, &stream).await;
-}
+    async fn connect(&self, stream: &str, through: Option<SocketAddr>) -> RedisStreamSource {
+        let url = through.map_or_else(|| self.url.clone(), |addr| via(&self.url, addr));
+        let name = format!("c{}", self.consumers.fetch_add(1, Ordering::SeqCst));
+        RedisStreamSource::connect(&url, config(stream, &name))
+            .await
+            .unwrap()
+    }
 
-#[test]
-fn consumer_killed_mid_batch_is_claimed_by_another_and_applied_once() {
-    // The dead consumer's entries stay in the group's PEL; the next consumer (another name)
-    // XAUTOCLAIMs them after claim_idle (1 s).
-    let Some(url) = url() else { return };
-    let main = tokio::runtime::Runtime::new().unwrap();
-    let stream = unique("kill");
-    let producer = main.block_on(RedisStreamProducer::connect(&url)).unwrap();
-    let consumers = std::sync::atomic::AtomicUsize::new(0);
-    common::killed_mid_batch(
-        &main,
-        || {
-            let name = format!("c{}", consumers.fetch_add(1, Ordering::SeqCst));
-            let (url, stream) = (&url, &stream);
-            async move {
-                RedisStreamSource::connect(url, config(stream, &name))
-                    .await
-                    .unwrap()
-            }
-        },
-        |m| {
-            let (producer, stream) = (&producer, &stream);
-            async move {
-                producer.publish(stream, &m).await.unwrap();
-            }
-        },
-        || async { pending(&url, &stream).await == 0 },
-        || async { pending(&url, &stream).await == 0 },
-    );
-    main.block_on(cleanup(&url, &stream));
+    async fn publish(&self, stream: &str, message: &Outgoing) -> bool {
+        let producer = self
+            .producer
+            .get_or_init(|| async { RedisStreamProducer::connect(&self.url).await.unwrap() })
+            .await;
+        producer.publish(stream, message).await.unwrap();
+        true
+    }
+
+    async fn dead_letters(&self, stream: &str) -> Vec<DeadLetter> {
+        let dead: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{stream}:dead-letter"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn(&self.url).await)
+            .await
+            .unwrap();
+        dead.ids
+            .iter()
+            .map(|entry| {
+                let field = |name: &str| -> Option<Vec<u8>> { entry.get(name) };
+                let payload = field("payload").unwrap_or_default();
+                let mut message = Message::new(stream, payload);
+                if let Some(id) = field(header::MESSAGE_ID) {
+                    message = message.with_message_id(String::from_utf8_lossy(&id).as_ref());
+                }
+                let reason = field(header::DEAD_LETTER_REASON)
+                    .map(|r| String::from_utf8_lossy(&r).into_owned())
+                    .unwrap_or_default();
+                DeadLetter { message, reason }
+            })
+            .collect()
+    }
+
+    async fn backlog(&self, stream: &str) -> u64 {
+        let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut conn(&self.url).await)
+            .await
+            .unwrap();
+        let group = groups
+            .groups
+            .iter()
+            .find(|g| g.name == "g")
+            .unwrap_or_else(|| panic!("no group g on {stream}"));
+        let lag = group
+            .lag
+            .unwrap_or_else(|| panic!("Redis cannot tell the lag of {stream}"));
+        (group.pending + lag) as u64
+    }
+
+    fn redelivery_timeout(&self) -> Option<Duration> {
+        Some(CLAIM_IDLE)
+    }
+
+    async fn cleanup(&self, stream: &str) {
+        cleanup(&self.url, stream).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,57 +295,6 @@ async fn claimed_entries_get_their_own_delivery_counts() {
         .ack(back.into_iter().chain(even).map(|d| d.delivery).collect())
         .await
         .unwrap();
-    assert_eq!(pending(&url, &stream).await, 0);
-    cleanup(&url, &stream).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_covers_deliveries_deferred_to_a_later_round() {
-    // The bug: only the round running got progress reports. Two copies of one message in one
-    // batch are processed in two rounds (the second replays the first's result); while the
-    // first copy's handler ran (three times `claim_idle`), the second copy sat idle in the PEL
-    // and another consumer claimed it.
-    let Some(url) = url() else { return };
-    let stream = unique("wpi-later");
-    let source = RedisStreamSource::connect(&url, config(&stream, "c1"))
-        .await
-        .unwrap();
-    let other = RedisStreamSource::connect(&url, config(&stream, "c2"))
-        .await
-        .unwrap();
-    let producer = RedisStreamProducer::connect(&url).await.unwrap();
-    let msg = Outgoing::new(&b"slow"[..]);
-    // A producer retry: both copies land in the consumer's first batch.
-    producer.publish_once(&stream, &msg).await.unwrap();
-    producer.publish_once(&stream, &msg).await.unwrap();
-    let ledger = Ledger::default();
-    let l = ledger.clone();
-    let (stats, running) = start(Consumer::new(
-        source,
-        Executor::new(MemoryStore::new()),
-        ns(),
-        move |m: Message, _: Attempt| {
-            let l = l.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(3000)).await;
-                l.apply(&m);
-                Ok::<_, std::io::Error>(())
-            }
-        },
-    ));
-    until(10, "received", || stats.snapshot().received == 2).await;
-    let (other_stats, other) = start(Consumer::new(
-        other,
-        Executor::new(MemoryStore::new()),
-        ns(),
-        ledger.handler(),
-    ));
-    until(30, "acked", || stats.snapshot().acked == 2).await;
-    let snap = running.stop().await;
-    other.stop().await;
-    assert_eq!((snap.executed, snap.replayed), (1, 1), "{snap:?}");
-    assert_eq!(other_stats.snapshot().received, 0, "claimed while in hand");
-    ledger.assert_exactly_once([msg.id()]);
     assert_eq!(pending(&url, &stream).await, 0);
     cleanup(&url, &stream).await;
 }

@@ -3,13 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idem::{
-    Attempt, Backoff, Claim, ClaimRequest, Completion, Config, Executor, Key, MemoryStore,
-    Namespace, Record, State, Store, StoreError, Token, WriteOutcome,
+    Attempt, Backoff, Config, Executor, Key, MemoryStore, Namespace, State, Store, StoreError,
+    StoreLayer, StoreOp,
 };
 use idem_broker::memory::{Event, MemoryBroker};
 use idem_broker::{Consumer, KeyFrom, Message, Settings};
@@ -27,15 +28,8 @@ fn ns() -> Namespace {
 }
 
 /// Polls `cond` until it holds, or panics after 10 s.
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn until(what: &str, cond: impl FnMut() -> bool) {
+    idem_testkit::until(10, what, cond).await;
 }
 
 fn count(log: &[Event], f: impl Fn(&Event) -> bool) -> usize {
@@ -346,60 +340,28 @@ struct Flaky {
     down: Arc<AtomicBool>,
 }
 
-impl Flaky {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            Err(StoreError::unavailable("test outage"))
-        } else {
-            Ok(())
-        }
-    }
-}
+impl StoreLayer for Flaky {
+    type Inner = MemoryStore;
 
-impl Store for Flaky {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        self.check()?;
-        self.inner.claim(req).await
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
     }
-    async fn complete(&self, c: &Completion) -> Result<WriteOutcome, StoreError> {
-        self.check()?;
-        self.inner.complete(c).await
-    }
-    async fn release(&self, key: &Key, t: Token, r: Duration) -> Result<WriteOutcome, StoreError> {
-        self.check()?;
-        self.inner.release(key, t, r).await
-    }
-    async fn extend(&self, key: &Key, t: Token, l: Duration) -> Result<WriteOutcome, StoreError> {
-        self.check()?;
-        self.inner.extend(key, t, l).await
-    }
-    async fn fail(
+
+    async fn around<T: Send>(
         &self,
-        key: &Key,
-        t: Token,
-        reason: &str,
-        r: Duration,
-    ) -> Result<WriteOutcome, StoreError> {
-        self.check()?;
-        self.inner.fail(key, t, reason, r).await
-    }
-    async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
-        self.check()?;
-        self.inner.get(key).await
-    }
-    async fn evict(&self, key: &Key) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.evict(key).await
-    }
-    async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        self.check()?;
-        self.inner.purge_expired(limit).await
+        _op: StoreOp<'_>,
+        call: impl Future<Output = Result<T, StoreError>> + Send,
+    ) -> Result<T, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable("test outage"));
+        }
+        call.await
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_outage_fails_closed_and_the_stream_resumes() {
-    // Contract scenario 7: the store is down mid-stream. Nothing may be acked and no handler
+    // Scenario 7 of docs/design.md (section 8): the store is down mid-stream. Nothing may be acked and no handler
     // may run without a claim; once the store is back every message is applied exactly once.
     let down = Arc::new(AtomicBool::new(true));
     let broker = MemoryBroker::new("q");

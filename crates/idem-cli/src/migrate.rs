@@ -1,63 +1,62 @@
 //! `idem migrate`: creates or upgrades a store's schema, on request. Stores never do it when
 //! they connect, so that no application creates tables in a database an operator manages.
+//!
+//! Only PostgreSQL and MySQL have a schema to migrate. On the others `migrate` succeeds
+//! without doing anything and says why, so that one deployment script runs on every store:
+//! a SQLite store creates or upgrades its table when it opens its file, Redis and the memory
+//! store keep no schema.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use idem_mysql::MysqlStore;
 use idem_postgres::PostgresStore;
 
-use crate::store_url::StoreUrl;
+use crate::store_url::{StoreArgs, StoreUrl};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// The store: `postgres://USER@HOST/DB` or `mysql://USER@HOST/DB` (SQLite files create
-    /// their schema when opened; Redis needs none).
-    #[arg(long = "store", value_name = "URL")]
-    store: StoreUrl,
-    /// Schema of the records table (PostgreSQL; MySQL uses the URL's database).
-    #[arg(long, default_value = idem_postgres::DEFAULT_SCHEMA)]
-    schema: String,
-    /// The records table.
-    #[arg(long, default_value = idem_postgres::DEFAULT_TABLE)]
-    table: String,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    match &args.store {
+    let StoreArgs { store, location } = &args.store;
+    location.check(store)?;
+    match store {
         StoreUrl::Postgres(url) => {
+            let (schema, table) = location.postgres();
             PostgresStore::builder(url.as_str())
-                .schema(args.schema.as_str())
-                .table(args.table.as_str())
+                .schema(schema)
+                .table(table)
                 .migrate()
                 .await
-                .with_context(|| format!("migrating {}", args.store))?;
+                .with_context(|| format!("migrating {store}"))?;
             println!(
-                "{}: \"{}\".\"{}\" is at idem schema version {}",
-                args.store,
-                args.schema,
-                args.table,
+                "{store}: \"{schema}\".\"{table}\" is at idem schema version {}",
                 idem_postgres::SCHEMA_VERSION
             );
-            Ok(())
         }
         StoreUrl::Mysql(url) => {
+            let table = location.mysql();
             MysqlStore::builder(url.as_str())
-                .table(args.table.as_str())
+                .table(table)
                 .build()
-                .with_context(|| format!("opening {}", args.store))?
+                .with_context(|| format!("opening {store}"))?
                 .migrate()
                 .await
-                .with_context(|| format!("migrating {}", args.store))?;
+                .with_context(|| format!("migrating {store}"))?;
             println!(
-                "{}: `{}` is at idem schema version {}",
-                args.store,
-                args.table,
+                "{store}: `{table}` is at idem schema version {}",
                 idem_mysql::SCHEMA_VERSION
             );
-            Ok(())
         }
-        other => bail!(
-            "{other} has no schema to migrate: SQLite files get theirs when they are opened, \
-             Redis and the memory store have none"
+        StoreUrl::Sqlite(_) => println!(
+            "{store}: nothing to migrate: a SQLite store creates or upgrades its table when it \
+             opens the file"
         ),
+        StoreUrl::Redis(_) => println!("{store}: nothing to migrate: Redis keeps no schema"),
+        StoreUrl::Memory => {
+            println!("{store}: nothing to migrate: the memory store keeps no schema");
+        }
     }
+    Ok(())
 }

@@ -1,53 +1,86 @@
 //! Operator commands on a store: `inspect` (records by state, in-progress claims and stuck
-//! ones), `get KEY`, `evict KEY` (force reprocessing, confirmed) and `purge` (expired records).
+//! ones, or failed keys with their reasons), `get KEY`, `evict KEY` (force reprocessing,
+//! confirmed) and `purge` (expired records).
 //!
-//! They work on any store through the `Store` and `Inspect` traits; the URL picks the store.
-//! They never create a database: a missing file or one without idem's tables is an error.
+//! They work on any store through the `Store` and `Inspect` traits and [`records::Records`];
+//! the URL picks the store, found as every command finds it ([`StoreArgs`]). They never create
+//! a database: a missing file or one without idem's tables is an error.
+//!
+//! `--json` output is for scripts: durations are numbers of milliseconds and timestamps
+//! milliseconds since the Unix epoch, in fields named `..._ms`. Text output writes durations as
+//! [`crate::duration`] does (`850ms`, `12s`, `4m5s`).
+
+mod records;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use idem::{Inspect, Key, Record, State, Store, Timestamp};
+use idem::{Inspect, Key, Namespace, Record, State, Store, Timestamp};
 use serde::Serialize;
 
-use crate::store_url::{OpenOptions, Opened, StoreUrl};
+use self::records::Records;
+use crate::duration;
+use crate::store_url::{OpenOptions, Opened, StoreArgs, StoreUrl};
 
-/// The store every operator command works on.
-#[derive(clap::Args, Debug)]
-pub(crate) struct StoreArg {
-    /// The store: `sqlite:PATH`, `redis://HOST`, `postgres://USER@HOST/DB` or
-    /// `mysql://USER@HOST/DB`. Help never shows the variable's value (it may hold a password).
-    #[arg(long, env = "IDEM_STORE", hide_env_values = true, value_name = "URL")]
-    store: StoreUrl,
-}
-
-impl StoreArg {
-    async fn open(&self) -> anyhow::Result<Opened> {
-        if self.store == StoreUrl::Memory {
-            bail!(
-                "the memory store lives inside one process, so there is nothing to operate on; \
-                 use a persistent store such as sqlite:PATH"
-            );
-        }
-        self.store
-            .open(OpenOptions {
+/// Opens the store of an operator command: never creates a database, and checks that idem's
+/// table is there.
+async fn open(args: &StoreArgs) -> anyhow::Result<Opened> {
+    if args.store == StoreUrl::Memory {
+        bail!(
+            "the memory store lives inside one process, so there is nothing to operate on; \
+             use a persistent store such as sqlite:PATH"
+        );
+    }
+    if let StoreUrl::Sqlite(path) = &args.store
+        && args.is_default()
+        && !path.exists()
+    {
+        bail!(
+            "no SQLite database at {} (the default store): give the store with --store URL or \
+             in IDEM_STORE",
+            path.display()
+        );
+    }
+    let opened = args
+        .store
+        .open_in(
+            &args.location,
+            OpenOptions {
                 must_exist: true,
                 ..OpenOptions::default()
-            })
+            },
+        )
+        .await?;
+    if let Opened::Mysql(store) = &opened {
+        store
+            .check_schema()
             .await
+            .with_context(|| format!("opening {}", args.store))?;
     }
+    Ok(opened)
+}
+
+fn parse_namespace(s: &str) -> Result<Namespace, idem::KeyError> {
+    Namespace::new(s)
 }
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct InspectArgs {
     #[command(flatten)]
-    store: StoreArg,
-    /// How many in-progress records to list, stuck ones first.
-    #[arg(long, default_value_t = 20)]
+    store: StoreArgs,
+    /// Only the records of this namespace (counts and listing).
+    #[arg(long, value_name = "NAME", value_parser = parse_namespace)]
+    namespace: Option<Namespace>,
+    /// List failed records (attempts ran out) with their reasons, most recent first, instead
+    /// of the records in progress.
+    #[arg(long)]
+    failed: bool,
+    /// How many records to list: in progress ones stuck first, or failed ones with --failed.
+    #[arg(long, value_name = "N", default_value_t = 20)]
     limit: usize,
-    /// Print one JSON object instead of text.
+    /// Print one JSON object instead of text (durations in milliseconds, timestamps in
+    /// milliseconds since the Unix epoch).
     #[arg(long)]
     json: bool,
 }
@@ -55,10 +88,11 @@ pub(crate) struct InspectArgs {
 #[derive(clap::Args, Debug)]
 pub(crate) struct GetArgs {
     #[command(flatten)]
-    store: StoreArg,
+    store: StoreArgs,
     /// The key, as `namespace:id`.
     key: String,
-    /// Print the record as JSON.
+    /// Print the record as JSON (durations in milliseconds, timestamps in milliseconds since
+    /// the Unix epoch).
     #[arg(long)]
     json: bool,
 }
@@ -66,7 +100,7 @@ pub(crate) struct GetArgs {
 #[derive(clap::Args, Debug)]
 pub(crate) struct EvictArgs {
     #[command(flatten)]
-    store: StoreArg,
+    store: StoreArgs,
     /// The key, as `namespace:id`.
     key: String,
     /// Evict without asking (required when stdin is not a terminal).
@@ -77,10 +111,16 @@ pub(crate) struct EvictArgs {
 #[derive(clap::Args, Debug)]
 pub(crate) struct PurgeArgs {
     #[command(flatten)]
-    store: StoreArg,
+    store: StoreArgs,
     /// Records deleted per store call (each call holds the store briefly).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     batch: usize,
+    /// Count the records past retention, which a purge would delete; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print `{"purged": N}` (or `{"would_purge": N}` with --dry-run) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_key(text: &str) -> anyhow::Result<Key> {
@@ -89,9 +129,8 @@ fn parse_key(text: &str) -> anyhow::Result<Key> {
 
 /// `idem inspect`.
 pub(crate) async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let opened = args.store.open().await?;
-    let url = args.store.store.to_string();
-    let view = with_store!(opened, s => InspectView::load(&s, url, args.limit).await?);
+    let opened = open(&args.store).await?;
+    let view = with_store!(opened, s => InspectView::load(&s, &args).await?);
     if args.json {
         println!("{}", serde_json::to_string(&view)?);
     } else {
@@ -100,89 +139,158 @@ pub(crate) async fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The states every count shows, in this order (0 when none).
+const STATES: [State; 4] = [
+    State::InProgress,
+    State::Completed,
+    State::Released,
+    State::Failed,
+];
+
+/// Records by state: a JSON object with every state, in [`STATES`] order.
+#[derive(Debug)]
+struct Counts(Vec<(&'static str, u64)>);
+
+impl Counts {
+    fn new(found: &[(State, u64)]) -> Self {
+        let mut counts: Vec<(&'static str, u64)> = STATES.iter().map(|s| (s.as_str(), 0)).collect();
+        for (state, n) in found {
+            match counts.iter_mut().find(|(name, _)| *name == state.as_str()) {
+                Some((_, total)) => *total += n,
+                None => counts.push((state.as_str(), *n)),
+            }
+        }
+        Self(counts)
+    }
+
+    fn get(&self, state: State) -> u64 {
+        self.0
+            .iter()
+            .find(|(name, _)| *name == state.as_str())
+            .map_or(0, |(_, n)| *n)
+    }
+
+    fn total(&self) -> u64 {
+        self.0.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl Serialize for Counts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (state, n) in &self.0 {
+            map.serialize_entry(state, n)?;
+        }
+        map.end()
+    }
+}
+
 /// What `inspect` shows.
 #[derive(Debug, Serialize)]
 struct InspectView {
     store: String,
-    now: String,
-    counts: Vec<(&'static str, u64)>,
+    /// The namespace the counts and the listing are limited to.
+    namespace: Option<String>,
+    /// The store's clock.
+    now_ms: i64,
+    #[serde(skip)]
+    now: Timestamp,
+    counts: Counts,
     total: u64,
-    in_progress: u64,
-    /// In-progress records, at most `--limit`, the stuck ones first, then by lease end.
+    /// What `listed` holds: `in_progress` or `failed` records.
+    list: &'static str,
+    /// In-progress records (`--failed`: failed ones), at most `--limit`: stuck ones first, then
+    /// by lease end (failed: most recent first).
     listed: Vec<RecordView>,
     /// In-progress records whose lease ended: no consumer holds them, and the next delivery
     /// takes over. Stores list stuck claims first, so this is exact unless every listed
-    /// record is stuck and more are in progress than listed: then it is a lower bound.
-    stuck: usize,
+    /// record is stuck and more are in progress than listed: then it is a lower bound. Not
+    /// with `--failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stuck: Option<usize>,
     /// Whether `stuck` is only a lower bound (raise `--limit` to count them all).
-    stuck_at_least: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stuck_at_least: Option<bool>,
 }
 
 impl InspectView {
-    async fn load<S: Inspect>(store: &S, url: String, limit: usize) -> anyhow::Result<Self> {
+    async fn load<S: Records>(store: &S, args: &InspectArgs) -> anyhow::Result<Self> {
+        let ns = args.namespace.as_ref();
         let now = store.now().await?;
-        let counts = store.count_by_state().await?;
-        let listed = store.in_progress(limit).await?;
-        let count = |state: State| {
-            counts
-                .iter()
-                .find(|(s, _)| *s == state)
-                .map_or(0, |(_, n)| *n)
+        let counts = Counts::new(&match ns {
+            Some(ns) => store.count_in(ns).await?,
+            None => store.count_by_state().await?,
+        });
+        let list = if args.failed {
+            State::Failed
+        } else {
+            State::InProgress
         };
-        let all = [
-            State::InProgress,
-            State::Completed,
-            State::Released,
-            State::Failed,
-        ];
+        let listed = match (list, ns) {
+            (State::InProgress, None) => store.in_progress(args.limit).await?,
+            (state, ns) => store.list(state, ns, args.limit).await?,
+        };
+        let (stuck, stuck_at_least) = if list == State::InProgress {
+            let stuck = listed.iter().filter(|r| r.is_lease_expired(now)).count();
+            let at_least =
+                stuck == listed.len() && (listed.len() as u64) < counts.get(State::InProgress);
+            (Some(stuck), Some(at_least))
+        } else {
+            (None, None)
+        };
         Ok(Self {
-            store: url,
-            now: now.to_string(),
-            counts: all.iter().map(|&s| (s.as_str(), count(s))).collect(),
-            total: counts.iter().map(|(_, n)| n).sum(),
-            in_progress: count(State::InProgress),
-            stuck: listed.iter().filter(|r| r.is_lease_expired(now)).count(),
-            stuck_at_least: listed.iter().all(|r| r.is_lease_expired(now))
-                && (listed.len() as u64) < count(State::InProgress),
+            store: args.store.store.to_string(),
+            namespace: ns.map(ToString::to_string),
+            now_ms: now.as_millis(),
+            now,
+            total: counts.total(),
+            counts,
+            list: list.as_str(),
             listed: listed.iter().map(|r| RecordView::new(r, now)).collect(),
+            stuck,
+            stuck_at_least,
         })
     }
 
     fn to_text(&self) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "store {} at {}\n\nrecords by state:",
-            self.store, self.now
-        );
-        for (state, n) in &self.counts {
+        let _ = write!(out, "store {} at {}", self.store, self.now);
+        if let Some(ns) = &self.namespace {
+            let _ = write!(out, ", namespace {ns}");
+        }
+        let _ = writeln!(out, "\n\nrecords by state:");
+        for (state, n) in &self.counts.0 {
             let _ = writeln!(out, "  {state:<12} {n:>10}");
         }
         let _ = writeln!(out, "  {:<12} {:>10}", "total", self.total);
-        if self.in_progress == 0 {
-            let _ = writeln!(out, "\nno record in progress");
-            return out;
+        match self.stuck {
+            Some(stuck) => self.in_progress_text(&mut out, stuck),
+            None => self.failed_text(&mut out),
         }
-        let stuck = if self.stuck_at_least {
-            format!("at least {} (raise --limit to count them all)", self.stuck)
+        out
+    }
+
+    fn in_progress_text(&self, out: &mut String, stuck: usize) {
+        use std::fmt::Write as _;
+        let in_progress = self.counts.get(State::InProgress);
+        if in_progress == 0 {
+            let _ = writeln!(out, "\nno record in progress");
+            return;
+        }
+        let stuck = if self.stuck_at_least == Some(true) {
+            format!("at least {stuck} (raise --limit to count them all)")
         } else {
-            self.stuck.to_string()
+            stuck.to_string()
         };
         let _ = writeln!(
             out,
-            "\nin progress: {}, stuck: {stuck} (lease ended: no consumer holds it, the next \
-             delivery takes over); {} listed below, stuck first",
-            self.in_progress,
+            "\nin progress: {in_progress}, stuck: {stuck} (lease ended: no consumer holds it, \
+             the next delivery takes over); {} listed below, stuck first",
             self.listed.len(),
         );
-        let w = self
-            .listed
-            .iter()
-            .map(|r| r.key.len())
-            .max()
-            .unwrap_or(3)
-            .max(3);
+        let w = key_width(&self.listed);
         let _ = writeln!(
             out,
             "  {:<w$}  {:<24} {:>8} {:>10} {:>10}  lease",
@@ -195,54 +303,108 @@ impl InspectView {
                 r.key,
                 r.owner.as_deref().unwrap_or("-"),
                 r.attempts,
-                r.age,
-                r.since_update,
-                r.lease
+                r.age(),
+                r.since_update(),
+                r.lease_text()
             );
         }
-        out
+    }
+
+    fn failed_text(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let failed = self.counts.get(State::Failed);
+        if failed == 0 {
+            let _ = writeln!(out, "\nno failed record");
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nfailed: {failed} (attempts ran out: deliveries are dead-lettered until retention \
+             ends or the key is evicted); {} listed below, most recent first",
+            self.listed.len(),
+        );
+        let w = key_width(&self.listed);
+        let _ = writeln!(
+            out,
+            "  {:<w$}  {:>8} {:>10}  reason",
+            "key", "attempts", "failed"
+        );
+        for r in &self.listed {
+            let _ = writeln!(
+                out,
+                "  {:<w$}  {:>8} {:>10}  {}",
+                r.key,
+                r.attempts,
+                format!("{} ago", r.since_update()),
+                excerpt(r.reason.as_deref().unwrap_or("-"), REASON_CHARS),
+            );
+        }
     }
 }
 
-/// A record as operators read it.
+/// The most characters of a reason a listing line shows (`get KEY` shows it whole).
+const REASON_CHARS: usize = 160;
+
+/// `text` on one line, cut to `max` characters.
+fn excerpt(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &line[..end]),
+        None => line,
+    }
+}
+
+fn key_width(records: &[RecordView]) -> usize {
+    records
+        .iter()
+        .map(|r| r.key.len())
+        .max()
+        .unwrap_or(3)
+        .max(3)
+}
+
+/// A record as operators read it. JSON: durations in milliseconds, timestamps in milliseconds
+/// since the Unix epoch, all in fields named `..._ms`.
 #[derive(Debug, Serialize)]
 struct RecordView {
     key: String,
+    namespace: String,
+    id: String,
     state: &'static str,
     fingerprint: String,
     token: Option<String>,
     owner: Option<String>,
     attempts: u32,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    expires_at_ms: i64,
+    /// In progress: when the lease ends.
+    lease_until_ms: Option<i64>,
     /// Since the record was first written.
-    age: String,
-    /// Since its last change (claim, heartbeat, completion).
-    since_update: String,
-    /// The lease, for in-progress records: when it ends or how long ago it ended.
-    lease: String,
-    lease_until: Option<String>,
-    created_at: String,
-    updated_at: String,
-    expires_at: String,
+    age_ms: u64,
+    /// Since its last change (claim, heartbeat, completion, failure).
+    since_update_ms: u64,
+    /// In progress: how long the lease still runs; negative once it has ended (stuck).
+    lease_left_ms: Option<i64>,
+    /// In progress with its lease ended: no consumer holds it, the next delivery takes over.
+    stuck: bool,
     /// Whether retention has ended: the record counts as absent until it is purged.
     expired: bool,
-    /// The stored result (completed) or failure reason (failed), as text when it is UTF-8.
+    /// Completed: the stored result, as text when it is UTF-8, else `0x` and hex.
     result: Option<String>,
+    /// Failed: why (the last attempt's error).
+    reason: Option<String>,
+    /// Bytes of the stored result or reason.
     result_bytes: usize,
+    #[serde(skip)]
+    now: Timestamp,
+    #[serde(skip)]
+    record: Record,
 }
 
 impl RecordView {
     fn new(r: &Record, now: Timestamp) -> Self {
-        let lease = match (r.state, r.lease_until) {
-            (State::InProgress, Some(until)) if now < until => {
-                format!("ends in {}", human(until.since(now)))
-            }
-            (State::InProgress, Some(until)) => {
-                format!("STUCK: ended {} ago", human(now.since(until)))
-            }
-            (State::InProgress, None) => "STUCK: no lease".to_owned(),
-            _ => "-".to_owned(),
-        };
-        let result = r.result.as_ref().map(|b| match std::str::from_utf8(b) {
+        let stored = r.result.as_ref().map(|b| match std::str::from_utf8(b) {
             Ok(text) => text.to_owned(),
             Err(_) => format!(
                 "0x{}",
@@ -252,27 +414,83 @@ impl RecordView {
                     .collect::<String>()
             ),
         });
+        let (result, reason) = if r.state == State::Failed {
+            (None, stored)
+        } else {
+            (stored, None)
+        };
+        let lease_left_ms = match (r.state, r.lease_until) {
+            (State::InProgress, Some(until)) => {
+                Some(until.as_millis().saturating_sub(now.as_millis()))
+            }
+            _ => None,
+        };
         Self {
             key: r.key.to_string(),
+            namespace: r.key.namespace().to_string(),
+            id: r.key.id().to_owned(),
             state: r.state.as_str(),
             fingerprint: r.fingerprint.to_string(),
             token: r.token.map(|t| t.to_string()),
             owner: r.owner.as_deref().map(str::to_owned),
             attempts: r.attempts,
-            age: human(now.since(r.created_at)),
-            since_update: human(now.since(r.updated_at)),
-            lease,
-            lease_until: r.lease_until.map(|t| t.to_string()),
-            created_at: r.created_at.to_string(),
-            updated_at: r.updated_at.to_string(),
-            expires_at: r.expires_at.to_string(),
+            created_at_ms: r.created_at.as_millis(),
+            updated_at_ms: r.updated_at.as_millis(),
+            expires_at_ms: r.expires_at.as_millis(),
+            lease_until_ms: r.lease_until.map(Timestamp::as_millis),
+            age_ms: duration::millis(now.since(r.created_at)),
+            since_update_ms: duration::millis(now.since(r.updated_at)),
+            lease_left_ms,
+            stuck: r.is_lease_expired(now),
             expired: r.is_expired(now),
             result,
+            reason,
             result_bytes: r.result.as_ref().map_or(0, |b| b.len()),
+            now,
+            record: r.clone(),
+        }
+    }
+
+    fn age(&self) -> String {
+        duration::approx(self.now.since(self.record.created_at))
+    }
+
+    fn since_update(&self) -> String {
+        duration::approx(self.now.since(self.record.updated_at))
+    }
+
+    /// The lease of an in-progress record: when it ends or how long ago it ended.
+    fn lease_text(&self) -> String {
+        match (self.record.state, self.record.lease_until) {
+            (State::InProgress, Some(until)) if self.now < until => {
+                format!("ends in {}", duration::approx(until.since(self.now)))
+            }
+            (State::InProgress, Some(until)) => {
+                format!(
+                    "STUCK: ended {} ago",
+                    duration::approx(self.now.since(until))
+                )
+            }
+            (State::InProgress, None) => "STUCK: no lease".to_owned(),
+            _ => "-".to_owned(),
         }
     }
 
     fn to_text(&self) -> String {
+        let r = &self.record;
+        let expires = if self.expired {
+            format!(
+                "{} (retention ended {} ago: counts as absent until purged)",
+                r.expires_at,
+                duration::approx(self.now.since(r.expires_at))
+            )
+        } else {
+            format!(
+                "{} (in {})",
+                r.expires_at,
+                duration::approx(r.expires_at.since(self.now))
+            )
+        };
         let mut lines = vec![
             ("key", self.key.clone()),
             ("state", self.state.to_owned()),
@@ -286,32 +504,21 @@ impl RecordView {
                 self.token.clone().unwrap_or_else(|| "-".to_owned()),
             ),
             ("fingerprint", self.fingerprint.clone()),
-            ("lease", self.lease.clone()),
-            ("created", format!("{} ({} ago)", self.created_at, self.age)),
+            ("lease", self.lease_text()),
+            ("created", format!("{} ({} ago)", r.created_at, self.age())),
             (
                 "updated",
-                format!("{} ({} ago)", self.updated_at, self.since_update),
+                format!("{} ({} ago)", r.updated_at, self.since_update()),
             ),
-            (
-                "expires",
-                if self.expired {
-                    format!(
-                        "{} (retention ended: counts as absent until purged)",
-                        self.expires_at
-                    )
-                } else {
-                    self.expires_at.clone()
-                },
-            ),
+            ("expires", expires),
         ];
-        let what = if self.state == State::Failed.as_str() {
-            "reason"
-        } else {
-            "result"
+        let (what, stored) = match &self.reason {
+            Some(reason) => ("reason", Some(reason)),
+            None => ("result", self.result.as_ref()),
         };
         lines.push((
             what,
-            match &self.result {
+            match stored {
                 None => "-".to_owned(),
                 Some(_) if self.result_bytes == 0 => "(empty)".to_owned(),
                 Some(text) => format!("{text:?} ({} bytes)", self.result_bytes),
@@ -324,22 +531,10 @@ impl RecordView {
     }
 }
 
-/// A duration for people: `850ms`, `12.3s`, `4m 05s`, `3h 20m`, `6d 23h`.
-fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0 => format!("{}ms", d.as_millis()),
-        1..60 => format!("{:.1}s", d.as_secs_f64()),
-        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
-        3600..86_400 => format!("{}h {:02}m", s / 3600, s / 60 % 60),
-        _ => format!("{}d {:02}h", s / 86_400, s / 3600 % 24),
-    }
-}
-
 /// `idem get KEY`.
 pub(crate) async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     let key = parse_key(&args.key)?;
-    let opened = args.store.open().await?;
+    let opened = open(&args.store).await?;
     let found = with_store!(opened, s => load(&s, &key).await?);
     let Some((record, now)) = found else {
         bail!("no record for key {key} in {}", args.store.store);
@@ -361,7 +556,7 @@ async fn load<S: Inspect>(store: &S, key: &Key) -> anyhow::Result<Option<(Record
 /// `idem evict KEY`.
 pub(crate) async fn evict(args: EvictArgs) -> anyhow::Result<ExitCode> {
     let key = parse_key(&args.key)?;
-    let opened = args.store.open().await?;
+    let opened = open(&args.store).await?;
     let found = with_store!(&opened, s => load(s, &key).await?);
     let Some((record, now)) = found else {
         bail!("no record for key {key} in {}", args.store.store);
@@ -406,13 +601,29 @@ pub(crate) async fn evict(args: EvictArgs) -> anyhow::Result<ExitCode> {
 /// `idem purge`.
 pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
-    let opened = args.store.open().await?;
-    let purged = with_store!(opened, s => purge_all(&s, args.batch).await?);
-    println!(
-        "purged {purged} expired record(s) from {}",
-        args.store.store
-    );
+    let opened = open(&args.store).await?;
+    let store = &args.store.store;
+    if args.dry_run {
+        let n = with_store!(opened, s => count_expired(&s).await?);
+        if args.json {
+            println!("{}", serde_json::json!({ "would_purge": n }));
+        } else {
+            println!("would purge {n} expired record(s) from {store} (dry run: nothing deleted)");
+        }
+    } else {
+        let n = with_store!(opened, s => purge_all(&s, args.batch).await?);
+        if args.json {
+            println!("{}", serde_json::json!({ "purged": n }));
+        } else {
+            println!("purged {n} expired record(s) from {store}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn count_expired<S: Records>(store: &S) -> anyhow::Result<u64> {
+    let now = store.now().await?;
+    store.count_expired(now).await
 }
 
 async fn purge_all<S: Inspect>(store: &S, batch: usize) -> anyhow::Result<u64> {
@@ -431,18 +642,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_read_well() {
-        assert_eq!(human(Duration::from_millis(850)), "850ms");
-        assert_eq!(human(Duration::from_millis(12_345)), "12.3s");
-        assert_eq!(human(Duration::from_secs(245)), "4m 05s");
-        assert_eq!(human(Duration::from_secs(3 * 3600 + 20 * 60)), "3h 20m");
-        assert_eq!(human(Duration::from_secs(7 * 86_400)), "7d 00h");
-    }
-
-    #[test]
     fn keys_parse_with_clear_errors() {
         assert_eq!(parse_key("ledger:t-1").unwrap().id(), "t-1");
         let err = format!("{:#}", parse_key("no-separator").unwrap_err());
         assert!(err.contains("invalid key \"no-separator\""), "{err}");
+    }
+
+    #[test]
+    fn counts_name_every_state() {
+        let counts = Counts::new(&[(State::Failed, 2), (State::Completed, 5)]);
+        assert_eq!(
+            serde_json::to_string(&counts).unwrap(),
+            r#"{"in_progress":0,"completed":5,"released":0,"failed":2}"#
+        );
+        assert_eq!(counts.total(), 7);
+    }
+
+    #[test]
+    fn reasons_are_cut_to_one_line() {
+        assert_eq!(
+            excerpt("exit status 1:\n  boom", 100),
+            "exit status 1: boom"
+        );
+        assert_eq!(excerpt("ééééé", 3), "ééé…");
     }
 }

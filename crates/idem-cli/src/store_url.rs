@@ -1,6 +1,10 @@
 //! Store URLs on the command line: `memory`, `sqlite:PATH`, `redis://…`, `rediss://…`,
 //! `postgres://…`, `mysql://…`. Networked stores add their schemes here. Credentials are never
 //! printed: `Display` redacts passwords.
+//!
+//! [`StoreArgs`] is `--store` (with `IDEM_STORE` and the default [`DEFAULT_STORE`]) and where in
+//! the store the records live (`--schema`, `--table`, `--prefix`: [`Location`]), as every
+//! command that works on one store takes them.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -61,55 +65,19 @@ impl FromStr for StoreUrl {
     }
 }
 
-/// Parses a URL-valued option for clap. Clap's own error for a `FromStr` type repeats the raw
-/// value, password included; this one says only what `T::from_str` says, which names the URL
-/// redacted. Used by `--store` and `--from`.
-pub(crate) struct RedactingParser<T>(std::marker::PhantomData<fn() -> T>);
-
-impl<T> RedactingParser<T> {
-    pub(crate) fn new() -> Self {
-        Self(std::marker::PhantomData)
-    }
-}
-
-impl<T> Clone for RedactingParser<T> {
-    fn clone(&self) -> Self {
-        Self::new()
-    }
-}
-
-impl<T> clap::builder::TypedValueParser for RedactingParser<T>
-where
-    T: FromStr<Err = anyhow::Error> + Clone + Send + Sync + 'static,
-{
-    type Value = T;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<T, clap::Error> {
-        let name = arg.map_or_else(|| "the URL".to_owned(), ToString::to_string);
-        let fail = |message: String| {
-            clap::Error::raw(
-                clap::error::ErrorKind::ValueValidation,
-                format!("invalid value for {name}: {message}\n"),
-            )
-            .with_cmd(cmd)
-        };
-        let text = value
-            .to_str()
-            .ok_or_else(|| fail("the URL is not UTF-8".to_owned()))?;
-        text.parse().map_err(|e: anyhow::Error| fail(e.to_string()))
+/// `--store` parses without clap repeating the raw value, password included (see
+/// [`crate::url_arg`]).
+impl crate::url_arg::RedactedParse for StoreUrl {
+    fn parse_redacted(text: &str) -> Result<Self, String> {
+        text.parse().map_err(|e: anyhow::Error| e.to_string())
     }
 }
 
 impl clap::builder::ValueParserFactory for StoreUrl {
-    type Parser = RedactingParser<StoreUrl>;
+    type Parser = crate::url_arg::UrlParser<StoreUrl>;
 
     fn value_parser() -> Self::Parser {
-        RedactingParser::new()
+        crate::url_arg::UrlParser::new()
     }
 }
 
@@ -128,6 +96,103 @@ impl fmt::Display for StoreUrl {
 /// A URL with any password replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
     idem::redact_url(url)
+}
+
+/// The store of a command that is given none: `--store`, then `IDEM_STORE`, then this.
+pub(crate) const DEFAULT_STORE: &str = "sqlite:idem.db";
+
+/// The variable that holds the store URL when `--store` is not given.
+pub(crate) const STORE_ENV: &str = "IDEM_STORE";
+
+/// `--store` and [`Location`]: the one store a command works on, and where in it idem's
+/// records live. Flatten it into a command's arguments (`#[command(flatten)]`) so that every
+/// command finds its store the same way: `--store`, then `IDEM_STORE`, then
+/// [`DEFAULT_STORE`].
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct StoreArgs {
+    /// The store: `sqlite:PATH`, `redis://HOST/DB`, `postgres://USER@HOST/DB` or
+    /// `mysql://USER@HOST/DB`. Help never shows the variable's value (it may hold a password).
+    #[arg(
+        long,
+        env = STORE_ENV,
+        hide_env_values = true,
+        value_name = "URL",
+        default_value = DEFAULT_STORE
+    )]
+    pub(crate) store: StoreUrl,
+    #[command(flatten)]
+    pub(crate) location: Location,
+}
+
+impl StoreArgs {
+    /// Whether the store is the default one (none given), for messages that say how to pick
+    /// another.
+    pub(crate) fn is_default(&self) -> bool {
+        DEFAULT_STORE
+            .parse::<StoreUrl>()
+            .is_ok_and(|d| d == self.store)
+    }
+}
+
+/// Where in the store idem's records live, when not where they do by default. Each option
+/// belongs to some schemes only; giving it for another is an error, not ignored.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Location {
+    /// PostgreSQL: the schema of the records table [default: public].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) schema: Option<String>,
+    /// PostgreSQL and MySQL: the records table [default: idem_records].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) table: Option<String>,
+    /// Redis: the prefix of idem's keys [default: idem:].
+    #[arg(long, value_name = "PREFIX")]
+    pub(crate) prefix: Option<String>,
+}
+
+impl Location {
+    /// Refuses an option that `url`'s store does not have.
+    pub(crate) fn check(&self, url: &StoreUrl) -> anyhow::Result<()> {
+        let scheme = match url {
+            StoreUrl::Memory => "the memory store",
+            StoreUrl::Sqlite(_) => "a SQLite store",
+            StoreUrl::Mysql(_) => "a MySQL store",
+            StoreUrl::Postgres(_) => "a PostgreSQL store",
+            StoreUrl::Redis(_) => "a Redis store",
+        };
+        if self.schema.is_some() && !matches!(url, StoreUrl::Postgres(_)) {
+            bail!(
+                "--schema is for postgres:// stores, not {scheme} (MySQL uses the URL's \
+                 database)"
+            );
+        }
+        if self.table.is_some() && !matches!(url, StoreUrl::Postgres(_) | StoreUrl::Mysql(_)) {
+            bail!(
+                "--table is for postgres:// and mysql:// stores, not {scheme} (SQLite's table is \
+                 always idem_records; Redis keeps records under --prefix)"
+            );
+        }
+        if self.prefix.is_some() && !matches!(url, StoreUrl::Redis(_)) {
+            bail!("--prefix is for redis:// stores, not {scheme}");
+        }
+        Ok(())
+    }
+
+    /// The PostgreSQL schema and table, defaults filled in.
+    pub(crate) fn postgres(&self) -> (&str, &str) {
+        (
+            self.schema
+                .as_deref()
+                .unwrap_or(idem_postgres::DEFAULT_SCHEMA),
+            self.table
+                .as_deref()
+                .unwrap_or(idem_postgres::DEFAULT_TABLE),
+        )
+    }
+
+    /// The MySQL table, default filled in.
+    pub(crate) fn mysql(&self) -> &str {
+        self.table.as_deref().unwrap_or(idem_mysql::DEFAULT_TABLE)
+    }
 }
 
 /// How a store is opened.
@@ -179,6 +244,16 @@ impl StoreUrl {
 
     /// Opens the store: SQLite opens its file, networked stores connect.
     pub(crate) async fn open(&self, opts: OpenOptions) -> anyhow::Result<Opened> {
+        self.open_in(&Location::default(), opts).await
+    }
+
+    /// Opens the store with its records where `location` says.
+    pub(crate) async fn open_in(
+        &self,
+        location: &Location,
+        opts: OpenOptions,
+    ) -> anyhow::Result<Opened> {
+        location.check(self)?;
         match self {
             StoreUrl::Memory => Ok(Opened::Memory(MemoryStore::new())),
             StoreUrl::Sqlite(path) => {
@@ -193,19 +268,28 @@ impl StoreUrl {
             }
             StoreUrl::Mysql(url) => {
                 let store = MysqlStore::builder(url.as_str())
+                    .table(location.mysql())
                     .build()
                     .with_context(|| format!("opening {self}"))?;
                 Ok(Opened::Mysql(store))
             }
             StoreUrl::Postgres(url) => {
+                let (schema, table) = location.postgres();
                 let store = PostgresStore::builder(url.as_str())
+                    .schema(schema)
+                    .table(table)
                     .connect()
                     .await
                     .with_context(|| format!("opening {self}"))?;
                 Ok(Opened::Postgres(store))
             }
             StoreUrl::Redis(url) => {
-                let store = RedisStore::connect(url)
+                let mut builder = RedisStore::builder(url.as_str());
+                if let Some(prefix) = &location.prefix {
+                    builder = builder.prefix(prefix.as_str());
+                }
+                let store = builder
+                    .connect()
                     .await
                     .with_context(|| format!("connecting to {self}"))?;
                 Ok(Opened::Redis(store))

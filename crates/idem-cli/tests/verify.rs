@@ -428,3 +428,42 @@ fn postgres_runs_store_and_transactional_modes() {
 fn mysql_runs_store_and_transactional_modes() {
     verify_on_server(idem_conformance::server::MYSQL);
 }
+
+/// `verify --store` on a store without a transactional mode: store mode runs (through the same
+/// runtime) and keeps its promise; transactional mode is skipped, and says so.
+fn verify_store_mode_only(url: &str) {
+    let (ok, report) = verify(&["--store", url, "--seed", "5"]);
+    assert!(ok, "{report}");
+    let modes: Vec<_> = report["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["naive", "store"], "{report}");
+    let skipped = report["skipped"].as_array().unwrap();
+    assert!(
+        skipped.len() == 1
+            && skipped[0]
+                .as_str()
+                .unwrap()
+                .contains("no transactional mode"),
+        "{report}"
+    );
+    let store = run(&report, "store");
+    assert_eq!(n(store, &["lost"]), 0, "{store}");
+    assert_eq!(n(store, &["duplicates_outside_windows"]), 0, "{store}");
+    assert!(check_ok(&report, "store"));
+}
+
+#[test]
+fn memory_runs_store_mode_only() {
+    verify_store_mode_only("memory");
+}
+
+#[test]
+fn redis_runs_store_mode_only() {
+    if let Some(url) = idem_conformance::server::url(idem_conformance::server::REDIS) {
+        verify_store_mode_only(&url);
+    }
+}

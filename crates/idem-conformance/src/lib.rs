@@ -17,10 +17,17 @@
 //! Stores whose clock is a server's (Redis `TIME`, SQL `now()`) use [`RealTimeHarness`], which
 //! sleeps instead of moving a clock; give it a time unit well above the store's round trip.
 //! Every check works in its own fresh namespace, so checks run in parallel against one server.
+//!
+//! Broker adapters have a suite of their own, [`broker`]: [`adapter_tests!`] stamps its checks
+//! (producer retries, poison, delayed redelivery, progress, a consumer killed mid-batch,
+//! connections cut through a [`proxy::Proxy`], shutdown) for a [`broker::BrokerHarness`].
 
+pub mod broker;
 mod checks;
 mod model;
+pub mod proxy;
 pub mod server;
+mod tx;
 
 use std::future::Future;
 use std::time::Duration;
@@ -29,6 +36,7 @@ use idem::{ManualClock, Namespace, Store};
 
 pub use crate::checks::*;
 pub use crate::model::random_operation_sequences_match_the_model;
+pub use crate::tx::*;
 
 /// What a check needs from the store under test.
 pub trait Harness: Send + Sync + 'static {

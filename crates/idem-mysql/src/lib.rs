@@ -5,12 +5,14 @@
 //! measured on the **server's clock**, so consumers with skewed clocks agree on who holds a
 //! key.
 //!
-//! Two modes (contract section 5):
+//! Two modes (docs/design.md, section 5):
 //! - **store mode**: [`MysqlStore`] implements [`idem::Store`]; use it with [`idem::Executor`]
 //!   when the handler's effects live elsewhere;
-//! - **transactional mode**: [`MysqlStore::run_in_transaction`] (on your transaction) or
-//!   [`MysqlStore::run_transactional`] (on one the store opens) writes the record in the same
-//!   transaction as the handler's own writes: commit = effect + record, crash = neither.
+//! - **transactional mode**: [`MysqlStore`] implements [`idem::Transactional`]
+//!   (`run_transactional` / `run_batch_transactional`, on a transaction the store opens), and
+//!   [`MysqlStore::run_in_transaction`] / [`MysqlStore::run_batch_in_transaction`] run on
+//!   yours: the record is written in the same transaction as the handler's own writes, commit =
+//!   effect + record, crash = neither. See `examples/transactional.rs`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -79,7 +81,6 @@ use crate::ops::Ctx;
 use crate::sql::Table;
 
 pub use crate::schema::SCHEMA_VERSION;
-pub use crate::tx::TxFuture;
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idem_records";

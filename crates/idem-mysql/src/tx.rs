@@ -1,4 +1,4 @@
-//! Transactional mode (contract section 5): the record is written in the same MySQL
+//! Transactional mode (docs/design.md, section 5): the record is written in the same MySQL
 //! transaction as the handler's own writes. Commit = effect + record; a crash or a rollback
 //! before the commit leaves neither, and the redelivery runs the handler as if for the first
 //! time. No window.
@@ -6,8 +6,11 @@
 //! One round trip claims: `INSERT … ON DUPLICATE KEY UPDATE state = state` of a fresh
 //! in-progress record, which inserts a new key or takes an exclusive lock on an existing one,
 //! then `SELECT … FOR UPDATE` to read what is there, then a savepoint. The decision is
-//! [`idem::transition::claim`] on that row. The handler runs inside the savepoint; the final
-//! record (completed, released or failed) is one `UPDATE` at the end. No in-progress state is
+//! [`idem::transition::claim`] on that row, and every rule above it is [`idem::policy`]'s: what a
+//! claim means ([`policy::on_claim`]), what a handler's result becomes
+//! ([`policy::on_result`] in [`Mode::Transactional`]) and what the caller is told
+//! ([`Verdict::recorded`]). The handler runs inside the savepoint; the final record (completed,
+//! released or failed) is one write round trip at the end. No in-progress state is
 //! ever committed, and the row stays locked until the caller commits or rolls back, so a
 //! concurrent duplicate waits on the lock and then sees the completed record (or, if this
 //! transaction rolled back, claims the key itself).
@@ -19,11 +22,10 @@ use std::fmt::{self, Write as _};
 use std::panic::AssertUnwindSafe;
 
 use futures_util::FutureExt as _;
-use futures_util::future::BoxFuture;
-use idem::transition;
+use idem::policy::{self, Mode, Once, Step, Verdict};
 use idem::{
     Acquisition, Claim, ClaimRequest, Completion, Config, Error, Fingerprint, Key, Lease, Outcome,
-    Record, StoreError, StoreErrorKind, Stored,
+    Record, StoreError, StoreErrorKind, Stored, Transactional, TxFuture, transition,
 };
 use mysql_async::{Transaction, TxOpts};
 
@@ -31,11 +33,6 @@ use crate::error::{code, server_code, store_error};
 use crate::exec::{self, script};
 use crate::sql::{self, COLUMNS, NOW_MS, NOW_VAR, clamp};
 use crate::{MysqlStore, error};
-
-/// What a transactional handler returns: a boxed future borrowing the transaction, written
-/// `|tx| Box::pin(async move { … })`. (A boxed future, rather than an `async` closure, keeps
-/// the caller's future `Send` so it can be spawned.)
-pub type TxFuture<'a, T, E> = BoxFuture<'a, Result<T, E>>;
 
 const SAVEPOINT: &str = "SAVEPOINT idem_handler";
 const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT idem_handler";
@@ -93,8 +90,8 @@ impl MysqlStore {
     {
         let mut handler = Some(handler);
         let items = [(key.clone(), fingerprint)];
-        let mut outcomes = self
-            .run_batch_in_transaction(tx, &items, config, |_, tx| -> TxFuture<'_, T, Once<E>> {
+        let outcome = self
+            .run_batch_in_transaction(tx, &items, config, |tx, _| -> TxFuture<'_, T, Once<E>> {
                 // A batch of one calls its handler at most once.
                 let Some(handler) = handler.take() else {
                     return Box::pin(std::future::ready(Err(Once(None))));
@@ -102,48 +99,18 @@ impl MysqlStore {
                 let run = handler(tx);
                 Box::pin(async move { run.await.map_err(|e| Once(Some(e))) })
             })
-            .await?;
-        let outcome = outcomes.pop().ok_or_else(|| {
-            Error::from(StoreError::new(
-                StoreErrorKind::Backend,
-                "transactional run gave no outcome",
-            ))
-        })?;
-        Ok(match outcome {
-            Outcome::Executed(v) => Outcome::Executed(v),
-            Outcome::Replayed(v) => Outcome::Replayed(v),
-            Outcome::InProgress { retry_after } => Outcome::InProgress { retry_after },
-            Outcome::Mismatch { stored, received } => Outcome::Mismatch { stored, received },
-            Outcome::LeaseLost { attempt } => Outcome::LeaseLost { attempt },
-            Outcome::Released {
-                error: Once(Some(error)),
-                attempt,
-                retry_after,
-            } => Outcome::Released {
-                error,
-                attempt,
-                retry_after,
-            },
-            Outcome::Exhausted {
-                attempts,
-                reason,
-                error,
-            } => Outcome::Exhausted {
-                attempts,
-                reason,
-                error: error.and_then(|e| e.0),
-            },
-            _ => {
-                return Err(StoreError::new(
+            .await?
+            .pop()
+            .ok_or_else(|| {
+                Error::from(StoreError::new(
                     StoreErrorKind::Backend,
-                    "transactional run gave an unexpected outcome",
-                )
-                .into());
-            }
-        })
+                    "internal error: a transactional run gave no outcome",
+                ))
+            })?;
+        policy::single(outcome)
     }
 
-    /// Runs `handler(i, tx)` for each delivery `items[i]` whose claim is acquired, in order, in
+    /// Runs `handler(tx, i)` for each delivery `items[i]` whose claim is acquired, in order, in
     /// the caller's open transaction: the batch form of
     /// [`run_in_transaction`](Self::run_in_transaction), with one claim round trip and one
     /// write round trip for the whole batch.
@@ -155,9 +122,10 @@ impl MysqlStore {
     /// Handlers run first under one savepoint for the whole batch. If one fails (or returns a
     /// result over the limit), the writes of every handler of the batch are rolled back and the
     /// batch runs again from the start with a savepoint per handler (a round trip each), so
-    /// that a failure undoes only its own writes. A handler may therefore be called twice for
-    /// one delivery; as always in transactional mode, only its writes in the transaction
-    /// count, and those commit once.
+    /// that a failure undoes only its own writes (the item that failed is not run again: its
+    /// verdict stands). A handler may therefore be called twice for one delivery whose writes
+    /// were undone with another's; as always in transactional mode, only its writes in the
+    /// transaction count, and those commit once.
     ///
     /// # Errors
     /// As [`run_in_transaction`](Self::run_in_transaction), for the whole batch.
@@ -171,7 +139,7 @@ impl MysqlStore {
     where
         T: Stored + Send,
         E: fmt::Display + Send,
-        F: for<'a> FnMut(usize, &'a mut Transaction<'t>) -> TxFuture<'a, T, E>,
+        F: for<'a> FnMut(&'a mut Transaction<'t>, usize) -> TxFuture<'a, T, E>,
     {
         let outcomes = self.batch(tx, items, config, handler).await?;
         for outcome in &outcomes {
@@ -190,7 +158,7 @@ impl MysqlStore {
     where
         T: Stored + Send,
         E: fmt::Display + Send,
-        F: for<'a> FnMut(usize, &'a mut Transaction<'t>) -> TxFuture<'a, T, E>,
+        F: for<'a> FnMut(&'a mut Transaction<'t>, usize) -> TxFuture<'a, T, E>,
     {
         if items.is_empty() {
             return Ok(Vec::new());
@@ -267,8 +235,11 @@ impl MysqlStore {
         // Handlers, in order. First optimistically, all inside the savepoint set by the claim
         // round trip (a savepoint each would cost a round trip each). If one fails, that
         // savepoint undoes every handler's writes and the batch runs again with a savepoint per
-        // handler, so a failure undoes only its own writes.
+        // handler, so a failure undoes only its own writes. The item that failed is not run
+        // again: its verdict is carried over to the careful pass.
         let mut careful = false;
+        let mut carried: Option<(usize, Verdict<T, E>)> = None;
+        let retention = clamp(config.retention);
         let (outcomes, slots, dirty) = 'run: loop {
             let mut slots = initial.clone();
             let mut dirty = vec![false; slots.len()];
@@ -287,113 +258,66 @@ impl MysqlStore {
                     dirty[s] |= change.is_write();
                     claim
                 };
-                let lease = match claim {
-                    Claim::Acquired(lease) => lease,
-                    Claim::Completed { result } => {
-                        outcomes.push(Outcome::Replayed(T::decode(result)?));
+                let lease = match policy::on_claim(claim, req.fingerprint)? {
+                    Step::Run(lease) => lease,
+                    Step::Done(outcome) => {
+                        outcomes.push(outcome);
                         continue;
-                    }
-                    Claim::InProgress { retry_after } => {
-                        outcomes.push(Outcome::InProgress { retry_after });
-                        continue;
-                    }
-                    Claim::Mismatch { stored } => {
-                        outcomes.push(Outcome::Mismatch {
-                            stored,
-                            received: req.fingerprint,
-                        });
-                        continue;
-                    }
-                    Claim::Exhausted { attempts, reason } => {
-                        outcomes.push(Outcome::Exhausted {
-                            attempts,
-                            reason,
-                            error: None,
-                        });
-                        continue;
-                    }
-                    _ => {
-                        return Err(StoreError::new(
-                            StoreErrorKind::Backend,
-                            "unknown claim outcome",
-                        )
-                        .into());
                     }
                 };
-                if careful && !savepoint_fresh {
-                    run(tx, SAVEPOINT).await.map_err(|e| err("savepoint", e))?;
-                }
-                savepoint_fresh = false;
                 dirty[s] = true;
-                let result = handler(i, &mut *tx).await;
-                let encoded = match &result {
-                    Ok(value) => match value.encode() {
-                        Ok(bytes) => Some(bytes),
-                        Err(e) => {
+                let verdict = match carried.take_if(|(j, _)| *j == i) {
+                    Some((_, verdict)) => verdict,
+                    None => {
+                        if careful && !savepoint_fresh {
+                            run(tx, SAVEPOINT).await.map_err(|e| err("savepoint", e))?;
+                        }
+                        savepoint_fresh = false;
+                        let result = handler(&mut *tx, i).await;
+                        let verdict = match policy::on_result(
+                            result,
+                            lease.attempt,
+                            config,
+                            limit,
+                            Mode::Transactional,
+                        ) {
+                            Ok(verdict) => verdict,
+                            Err(e) => {
+                                run(tx, ROLLBACK_TO).await.map_err(|e| err("rollback", e))?;
+                                return Err(e.into());
+                            }
+                        };
+                        if verdict.keeps_writes() {
+                            wrote_before = true;
+                        } else {
                             run(tx, ROLLBACK_TO).await.map_err(|e| err("rollback", e))?;
-                            return Err(e.into());
+                            // Earlier handlers' writes went with it: run them again, carefully.
+                            // If there were none, the savepoint was this handler's own.
+                            let restart = !careful && wrote_before;
+                            careful = true;
+                            if restart {
+                                carried = Some((i, verdict));
+                                continue 'run;
+                            }
+                            savepoint_fresh = true;
                         }
-                    },
-                    Err(_) => None,
-                };
-                let fits = encoded.as_ref().is_some_and(|b| b.len() <= limit);
-                if fits {
-                    wrote_before = true;
-                } else {
-                    run(tx, ROLLBACK_TO).await.map_err(|e| err("rollback", e))?;
-                    // Earlier handlers' writes went with it: run them again, carefully. If
-                    // there were none, the savepoint was this handler's own.
-                    let restart = !careful && wrote_before;
-                    careful = true;
-                    if restart {
-                        continue 'run;
+                        verdict
                     }
-                    savepoint_fresh = true;
-                }
-                let retention = clamp(config.retention);
-                let outcome = match (result, encoded) {
-                    (Ok(value), Some(bytes)) if fits => {
-                        let c = Completion::new(req.key.clone(), lease.token, bytes)
+                };
+                let (written, _) = match &verdict {
+                    Verdict::Complete { result, .. } => {
+                        let c = Completion::new(req.key.clone(), lease.token, result.clone())
                             .retention(retention);
-                        let _ = transition::complete(slot, &c, now);
-                        Outcome::Executed(value)
+                        transition::complete(slot, &c, now)
                     }
-                    (Ok(_), bytes) => {
-                        let reason = format!(
-                            "the handler's result is {} bytes, over the store's limit of \
-                             {limit}; its writes were rolled back and the key is failed",
-                            bytes.map_or(0, |b| b.len())
-                        );
-                        let _ = transition::fail(slot, lease.token, &reason, retention, now);
-                        Outcome::Exhausted {
-                            attempts: lease.attempt,
-                            reason,
-                            error: None,
-                        }
+                    Verdict::Release { .. } => {
+                        transition::release(slot, lease.token, retention, now)
                     }
-                    (Err(error), _)
-                        if config
-                            .max_attempts
-                            .is_some_and(|max| lease.attempt >= max.get()) =>
-                    {
-                        let reason = format!("attempt {} failed: {error}", lease.attempt);
-                        let _ = transition::fail(slot, lease.token, &reason, retention, now);
-                        Outcome::Exhausted {
-                            attempts: lease.attempt,
-                            reason,
-                            error: Some(error),
-                        }
-                    }
-                    (Err(error), _) => {
-                        let _ = transition::release(slot, lease.token, retention, now);
-                        Outcome::Released {
-                            error,
-                            attempt: lease.attempt,
-                            retry_after: config.retry_backoff.delay(lease.attempt),
-                        }
+                    Verdict::Fail { reason, .. } => {
+                        transition::fail(slot, lease.token, reason, retention, now)
                     }
                 };
-                outcomes.push(outcome);
+                outcomes.push(verdict.recorded(lease.attempt, written));
             }
             break (outcomes, slots, dirty);
         };
@@ -409,73 +333,6 @@ impl MysqlStore {
             run(tx, &sql).await.map_err(|e| err("write records", e))?;
         }
         Ok(outcomes)
-    }
-
-    /// Transactional mode on a transaction the store opens on its own pool: runs `handler` as
-    /// [`run_in_transaction`](Self::run_in_transaction) does and commits. Returns once the
-    /// handler's writes and the record are committed together; on an error, or if the handler
-    /// panics, the transaction is rolled back (neither effect nor record).
-    ///
-    /// ```no_run
-    /// # async fn demo(store: idem_mysql::MysqlStore) -> Result<(), Box<dyn std::error::Error>> {
-    /// use idem::{Config, Namespace};
-    /// use mysql_async::prelude::Queryable;
-    ///
-    /// let key = Namespace::new("ledger")?.key("transfer-1")?;
-    /// let outcome = store
-    ///     .run_transactional(key, b"payload", Config::default(), |tx| {
-    ///         Box::pin(async move {
-    ///             tx.query_drop("UPDATE accounts SET balance = balance - 10 WHERE id = 1").await
-    ///         })
-    ///     })
-    ///     .await?;
-    /// # let _ = outcome; Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// As [`run_in_transaction`](Self::run_in_transaction); a [`StoreError`] if the commit
-    /// fails (then neither the handler's writes nor the record exist, unless the commit's answer
-    /// was lost: [`StoreErrorKind::Unavailable`] says only that the outcome is unknown).
-    pub async fn run_transactional<T, E, F>(
-        &self,
-        key: Key,
-        payload: impl AsRef<[u8]>,
-        config: Config,
-        handler: F,
-    ) -> Result<Outcome<T, E>, Error>
-    where
-        T: Stored + Send + 'static,
-        E: fmt::Display + Send + 'static,
-        F: for<'a> FnOnce(&'a mut Transaction<'static>) -> TxFuture<'a, T, E>,
-    {
-        let fingerprint = Fingerprint::of(payload.as_ref());
-        let mut tx = self.begin().await?;
-        let run = self.run_in_transaction(&mut tx, &key, fingerprint, &config, handler);
-        let run = AssertUnwindSafe(run).catch_unwind().await;
-        self.finish(tx, run).await
-    }
-
-    /// The batch form of [`run_transactional`](Self::run_transactional): one transaction, one
-    /// commit, for all of `items`; see
-    /// [`run_batch_in_transaction`](Self::run_batch_in_transaction).
-    ///
-    /// # Errors
-    /// As [`run_transactional`](Self::run_transactional), for the whole batch.
-    pub async fn run_batch_transactional<T, E, F>(
-        &self,
-        items: &[(Key, Fingerprint)],
-        config: &Config,
-        handler: F,
-    ) -> Result<Vec<Outcome<T, E>>, Error>
-    where
-        T: Stored + Send + 'static,
-        E: fmt::Display + Send + 'static,
-        F: for<'a> FnMut(usize, &'a mut Transaction<'static>) -> TxFuture<'a, T, E>,
-    {
-        let mut tx = self.begin().await?;
-        let run = self.run_batch_in_transaction(&mut tx, items, config, handler);
-        let run = AssertUnwindSafe(run).catch_unwind().await;
-        self.finish(tx, run).await
     }
 
     async fn begin(&self) -> Result<Transaction<'static>, StoreError> {
@@ -526,15 +383,51 @@ impl MysqlStore {
     }
 }
 
-/// The error of a handler that can be called once, as the batch form needs an error type.
-struct Once<E>(Option<E>);
+/// Transactional mode on a transaction the store opens on its own pool: each call begins a
+/// transaction, runs the batch as
+/// [`run_batch_in_transaction`](MysqlStore::run_batch_in_transaction) does, and commits. It
+/// returns once the handlers' writes and the records are committed together; on an error, or if
+/// a handler panics, the transaction is rolled back (neither effects nor records).
+///
+/// ```no_run
+/// # async fn demo(store: idem_mysql::MysqlStore) -> Result<(), Box<dyn std::error::Error>> {
+/// use idem::{Config, Fingerprint, Namespace, Transactional};
+/// use mysql_async::prelude::Queryable;
+///
+/// let key = Namespace::new("ledger")?.key("transfer-1")?;
+/// let outcome = store
+///     .run_transactional(&key, Fingerprint::of(b"10"), &Config::default(), |tx| {
+///         Box::pin(async move {
+///             tx.query_drop("UPDATE accounts SET balance = balance - 10 WHERE id = 1").await
+///         })
+///     })
+///     .await?;
+/// println!("{}", outcome.kind());
+/// # Ok(()) }
+/// ```
+///
+/// Errors are those of [`run_batch_in_transaction`](MysqlStore::run_batch_in_transaction), and
+/// a [`StoreError`] if the commit fails (then neither the handlers' writes nor the records
+/// exist, unless the commit's answer was lost: [`StoreErrorKind::Unavailable`] says only that
+/// the outcome is unknown).
+impl Transactional for MysqlStore {
+    type Tx = Transaction<'static>;
 
-impl<E: fmt::Display> fmt::Display for Once<E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(e) => e.fmt(f),
-            None => f.write_str("the handler was called twice"),
-        }
+    async fn run_batch_transactional<T, E, H>(
+        &self,
+        items: &[(Key, Fingerprint)],
+        config: &Config,
+        handler: H,
+    ) -> Result<Vec<Outcome<T, E>>, Error>
+    where
+        T: Stored + Send + 'static,
+        E: fmt::Display + Send + 'static,
+        H: for<'a> Fn(&'a mut Self::Tx, usize) -> TxFuture<'a, T, E> + Send + Sync + 'static,
+    {
+        let mut tx = self.begin().await?;
+        let run = self.run_batch_in_transaction(&mut tx, items, config, handler);
+        let run = AssertUnwindSafe(run).catch_unwind().await;
+        self.finish(tx, run).await
     }
 }
 

@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use idem::{Config, Namespace, Outcome, State, Store};
+use idem::{Config, Fingerprint, Namespace, Outcome, State, Store, Transactional};
 use mysql_async::prelude::Queryable;
 
 const CHILD_ENV: &str = "IDEM_CRASH_CHILD";
@@ -59,21 +59,26 @@ fn child_entry_point() {
         let store = common::store(&url, TABLE).await;
         let key = ns.key("transfer-1").expect("key");
         let _ = store
-            .run_transactional(key, b"10", Config::default(), |tx| {
-                Box::pin(async move {
-                    tx.query_drop(format!(
-                        "INSERT INTO {ledger} (transfer, amount) VALUES ('transfer-1', 10)"
-                    ))
-                    .await?;
-                    {
-                        let mut out = std::io::stdout().lock();
-                        writeln!(out, "effect written").expect("stdout");
-                        out.flush().expect("flush");
-                    }
-                    tokio::time::sleep(Duration::from_secs(120)).await;
-                    Ok::<_, mysql_async::Error>(())
-                })
-            })
+            .run_transactional(
+                &key,
+                Fingerprint::of(b"10"),
+                &Config::default(),
+                move |tx| {
+                    Box::pin(async move {
+                        tx.query_drop(format!(
+                            "INSERT INTO {ledger} (transfer, amount) VALUES ('transfer-1', 10)"
+                        ))
+                        .await?;
+                        {
+                            let mut out = std::io::stdout().lock();
+                            writeln!(out, "effect written").expect("stdout");
+                            out.flush().expect("flush");
+                        }
+                        tokio::time::sleep(Duration::from_secs(120)).await;
+                        Ok::<_, mysql_async::Error>(())
+                    })
+                },
+            )
             .await;
         panic!("the child should have been killed before the commit");
     });
@@ -119,7 +124,7 @@ async fn transactional_crash_before_commit_leaves_neither_effect_nor_record() {
     for delivery in 0..3 {
         let sql = ledger.insert("transfer-1");
         let outcome: Outcome<(), mysql_async::Error> = store
-            .run_transactional(key.clone(), b"10", Config::default(), |tx| {
+            .run_transactional(&key, Fingerprint::of(b"10"), &Config::default(), |tx| {
                 Box::pin(async move { tx.query_drop(sql).await })
             })
             .await

@@ -1,5 +1,6 @@
-//! Transactional mode against the shared server: the record commits with the handler's writes,
-//! or neither does; concurrent duplicates never both apply the effect.
+//! Transactional mode against the shared server: the transactional conformance suite, and what
+//! is MySQL's own (the caller's transaction, its connection flags, the optimistic savepoint and
+//! its careful rerun, lock order across batches, panics).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,8 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{Ledger, namespace, url};
-use idem::{Config, Disposition, Fingerprint, Outcome, State, Store, StoreErrorKind};
+use idem::{
+    Config, Fingerprint, Namespace, Outcome, State, Store, StoreErrorKind, Transactional, TxFuture,
+};
+use idem_conformance::TxHarness;
 use idem_mysql::MysqlStore;
+use mysql_async::Transaction;
 use mysql_async::prelude::Queryable;
 
 const TABLE: &str = "idem_tx_tests";
@@ -20,127 +25,100 @@ async fn setup() -> Option<(MysqlStore, Ledger)> {
     Some((common::store(&url, TABLE).await, Ledger::create(&url).await))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn effect_and_record_commit_together_and_duplicates_replay() {
-    let Some((store, ledger)) = setup().await else {
-        return;
-    };
-    let key = namespace().key("t1").unwrap();
-    for delivery in 0..3 {
-        let sql = ledger.insert("t1");
-        let outcome: Outcome<String, mysql_async::Error> = store
-            .run_transactional(key.clone(), b"10", Config::default(), |tx| {
-                Box::pin(async move {
-                    tx.query_drop(sql).await?;
-                    Ok("receipt-1".to_owned())
-                })
-            })
+/// The effects of the conformance checks: one row per committed effect, shared by the checks
+/// (an effect id is its key, so each check's rows are its namespace's) and cleaned per check.
+const EFFECTS: &str = "idem_tx_conformance_effects";
+
+/// A conformance check's store: a records table of its own, and its namespace.
+struct MysqlTx {
+    store: MysqlStore,
+    ns: Namespace,
+    _cleanup: Cleanup,
+}
+
+/// Drops the check's records table and deletes its effects, when the check ends.
+struct Cleanup {
+    url: String,
+    table: String,
+    ns: Namespace,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        common::on_server(
+            &self.url,
+            vec![
+                // No gap locks: other checks keep inserting effects meanwhile.
+                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_owned(),
+                format!("DELETE FROM {EFFECTS} WHERE id LIKE '{}:%'", self.ns),
+                format!("DROP TABLE IF EXISTS `{}`", self.table),
+            ],
+        );
+    }
+}
+
+impl TxHarness for MysqlTx {
+    type Store = MysqlStore;
+
+    fn store(&self) -> MysqlStore {
+        self.store.clone()
+    }
+
+    fn write_effect<'a>(tx: &'a mut Transaction<'static>, id: String) -> TxFuture<'a, (), String> {
+        Box::pin(async move {
+            tx.exec_drop(format!("INSERT INTO {EFFECTS} (id) VALUES (?)"), (id,))
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    async fn effects(&self, id: &str) -> u64 {
+        let mut conn = self.store.pool().get_conn().await.unwrap();
+        let n: Option<u64> = conn
+            .exec_first(
+                format!("SELECT COUNT(*) FROM {EFFECTS} WHERE id = ?"),
+                (id,),
+            )
             .await
             .unwrap();
-        match (delivery, outcome) {
-            (0, Outcome::Executed(r)) | (1.., Outcome::Replayed(r)) => assert_eq!(r, "receipt-1"),
-            (n, other) => panic!("delivery {n}: unexpected {other:?}"),
-        }
+        n.unwrap()
     }
-    assert_eq!(ledger.rows("t1").await, 1, "the effect must apply once");
-    let rec = store.get(&key).await.unwrap().unwrap();
-    assert_eq!((rec.state, rec.attempts), (State::Completed, 1));
-    assert_eq!(rec.result.as_deref(), Some(&b"receipt-1"[..]));
-    ledger.drop_table().await;
+
+    fn namespace(&self) -> Namespace {
+        // Each check takes one namespace: this one, whose effects the cleanup deletes.
+        self.ns.clone()
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_handler_leaves_no_writes_and_counts_the_attempt() {
-    let Some((store, ledger)) = setup().await else {
-        return;
-    };
-    let key = namespace().key("t1").unwrap();
-    let config = Config::default().max_attempts(2);
-    let sql = ledger.insert("t1");
-    let first: Outcome<(), String> = store
-        .run_transactional(key.clone(), b"p", config.clone(), |tx| {
-            Box::pin(async move {
-                tx.query_drop(sql).await.map_err(|e| e.to_string())?;
-                Err("declined by the bank".to_owned())
-            })
-        })
+async fn tx_harness() -> Option<MysqlTx> {
+    let url = url()?;
+    let table = common::unique("idem_tx_conformance");
+    let store = common::store(&url, &table).await;
+    store
+        .pool()
+        .get_conn()
+        .await
+        .unwrap()
+        .query_drop(format!(
+            "CREATE TABLE IF NOT EXISTS {EFFECTS} (id VARBINARY(255) NOT NULL, KEY (id)) \
+             ENGINE = InnoDB"
+        ))
         .await
         .unwrap();
-    assert!(
-        matches!(first, Outcome::Released { attempt: 1, .. }),
-        "{first:?}"
-    );
-    assert_eq!(
-        ledger.rows("t1").await,
-        0,
-        "the failed handler's write must be rolled back"
-    );
-    let rec = store.get(&key).await.unwrap().unwrap();
-    assert_eq!((rec.state, rec.attempts), (State::Released, 1));
-
-    let sql = ledger.insert("t1");
-    let second: Outcome<(), String> = store
-        .run_transactional(key.clone(), b"p", config, |tx| {
-            Box::pin(async move {
-                tx.query_drop(sql).await.map_err(|e| e.to_string())?;
-                Err("declined again".to_owned())
-            })
-        })
-        .await
-        .unwrap();
-    match second.disposition() {
-        Disposition::DeadLetter { reason } => {
-            assert!(reason.contains("declined again"), "{reason}");
-        }
-        other => panic!("the second failure of two must dead-letter, got {other:?}"),
-    }
-    assert_eq!(ledger.rows("t1").await, 0);
-    let rec = store.get(&key).await.unwrap().unwrap();
-    assert_eq!((rec.state, rec.attempts), (State::Failed, 2));
-    ledger.drop_table().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_deliveries_apply_the_effect_once() {
-    let Some((store, ledger)) = setup().await else {
-        return;
+    let ns = idem_conformance::unique_namespace();
+    let cleanup = Cleanup {
+        url,
+        table,
+        ns: ns.clone(),
     };
-    let key = namespace().key("contended").unwrap();
-    let ran = Arc::new(AtomicUsize::new(0));
-    let barrier = Arc::new(tokio::sync::Barrier::new(16));
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (store, key, barrier, ran) = (store.clone(), key.clone(), barrier.clone(), ran.clone());
-        let sql = ledger.insert("contended");
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            let outcome: Outcome<(), mysql_async::Error> = store
-                .run_transactional(key, b"p", Config::default(), |tx| {
-                    Box::pin(async move {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                        tx.query_drop(sql).await
-                    })
-                })
-                .await
-                .unwrap();
-            outcome.kind()
-        }));
-    }
-    let mut kinds = Vec::new();
-    for t in tasks {
-        kinds.push(t.await.unwrap());
-    }
-    let executed = kinds.iter().filter(|k| **k == "executed").count();
-    assert_eq!(executed, 1, "{kinds:?}");
-    assert_eq!(
-        kinds.iter().filter(|k| **k == "replayed").count(),
-        15,
-        "the others wait on the row lock and replay: {kinds:?}"
-    );
-    assert_eq!(ran.load(Ordering::SeqCst), 1, "the handler ran once");
-    assert_eq!(ledger.rows("contended").await, 1);
-    ledger.drop_table().await;
+    Some(MysqlTx {
+        store,
+        ns,
+        _cleanup: cleanup,
+    })
 }
+
+idem_conformance::transactional_tests!(tx_harness);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_rollback_leaves_neither_effect_nor_record() {
@@ -209,10 +187,10 @@ async fn a_panicking_handler_is_rolled_back_and_the_store_keeps_working() {
     let sql = ledger.insert("p");
     let result = store
         .run_transactional(
-            key.clone(),
-            b"p",
-            Config::default(),
-            |tx| -> idem_mysql::TxFuture<'_, (), mysql_async::Error> {
+            &key,
+            Fingerprint::of(b"p"),
+            &Config::default(),
+            |tx| -> TxFuture<'_, (), mysql_async::Error> {
                 Box::pin(async move {
                     tx.query_drop(sql).await?;
                     panic!("handler bug");
@@ -226,58 +204,13 @@ async fn a_panicking_handler_is_rolled_back_and_the_store_keeps_working() {
     assert!(store.get(&key).await.unwrap().is_none());
     let sql = ledger.insert("p");
     let ok: Outcome<(), mysql_async::Error> = store
-        .run_transactional(key, b"p", Config::default(), |tx| {
+        .run_transactional(&key, Fingerprint::of(b"p"), &Config::default(), |tx| {
             Box::pin(async move { tx.query_drop(sql).await })
         })
         .await
         .unwrap();
     assert!(ok.is_executed());
     assert_eq!(ledger.rows("p").await, 1);
-    ledger.drop_table().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mismatch_and_oversized_results_leave_no_writes() {
-    let Some((store, ledger)) = setup().await else {
-        return;
-    };
-    let ns = namespace();
-    let sql = ledger.insert("m");
-    let ok: Outcome<(), mysql_async::Error> = store
-        .run_transactional(
-            ns.key("m").unwrap(),
-            b"amount=10",
-            Config::default(),
-            |tx| Box::pin(async move { tx.query_drop(sql).await }),
-        )
-        .await
-        .unwrap();
-    assert!(ok.is_executed());
-    let sql = ledger.insert("m");
-    let mismatch: Outcome<(), mysql_async::Error> = store
-        .run_transactional(
-            ns.key("m").unwrap(),
-            b"amount=99",
-            Config::default(),
-            |tx| Box::pin(async move { tx.query_drop(sql).await }),
-        )
-        .await
-        .unwrap();
-    assert!(matches!(mismatch, Outcome::Mismatch { .. }), "{mismatch:?}");
-    let sql = ledger.insert("big");
-    let big: Outcome<Vec<u8>, mysql_async::Error> = store
-        .run_transactional(ns.key("big").unwrap(), b"p", Config::default(), |tx| {
-            Box::pin(async move {
-                tx.query_drop(sql).await?;
-                Ok(vec![0u8; 65 * 1024])
-            })
-        })
-        .await
-        .unwrap();
-    assert!(matches!(big, Outcome::Exhausted { .. }), "{big:?}");
-    assert_eq!((ledger.rows("m").await, ledger.rows("big").await), (1, 0));
-    let rec = store.get(&ns.key("big").unwrap()).await.unwrap().unwrap();
-    assert_eq!(rec.state, State::Failed);
     ledger.drop_table().await;
 }
 
@@ -291,9 +224,12 @@ async fn a_batch_equals_single_runs_in_order() {
     // "a" twice: it runs once and replays; "bad" fails and is rolled back alone; "mix" was
     // completed before with another payload.
     let seed: Outcome<(), mysql_async::Error> = store
-        .run_transactional(ns.key("mix").unwrap(), b"other", Config::default(), |_| {
-            Box::pin(async { Ok(()) })
-        })
+        .run_transactional(
+            &ns.key("mix").unwrap(),
+            Fingerprint::of(b"other"),
+            &Config::default(),
+            |_| Box::pin(async { Ok(()) }),
+        )
         .await
         .unwrap();
     assert!(seed.is_executed());
@@ -303,7 +239,7 @@ async fn a_batch_equals_single_runs_in_order() {
     let ran2 = ran.clone();
     let sqls: Vec<String> = ids.iter().map(|id| ledger.insert(id)).collect();
     let outcomes: Vec<Outcome<u32, String>> = store
-        .run_batch_transactional(&items, &Config::default(), move |i, tx| {
+        .run_batch_transactional(&items, &Config::default(), move |tx, i| {
             ran2.fetch_add(1, Ordering::SeqCst);
             let sql = sqls[i].clone();
             Box::pin(async move {
@@ -323,8 +259,9 @@ async fn a_batch_equals_single_runs_in_order() {
     );
     assert!(matches!(outcomes[2], Outcome::Replayed(0)));
     // "a" and "bad" ran under one savepoint; "bad" failed, which rolled back "a" too, so the
-    // batch ran again with a savepoint per handler: a, bad, b.
-    assert_eq!(ran.load(Ordering::SeqCst), 5);
+    // batch ran again with a savepoint per handler: a, then b ("bad" is not run again: its
+    // release stands).
+    assert_eq!(ran.load(Ordering::SeqCst), 4);
     assert_eq!(
         (
             ledger.rows("a").await,
@@ -342,7 +279,7 @@ async fn a_batch_equals_single_runs_in_order() {
     let ran2 = ran.clone();
     let sqls: Vec<String> = ids2.iter().map(|id| ledger.insert(id)).collect();
     let outcomes: Vec<Outcome<(), String>> = store
-        .run_batch_transactional(&items, &Config::default(), move |i, tx| {
+        .run_batch_transactional(&items, &Config::default(), move |tx, i| {
             ran2.fetch_add(1, Ordering::SeqCst);
             let sql = sqls[i].clone();
             Box::pin(async move {
@@ -357,7 +294,7 @@ async fn a_batch_equals_single_runs_in_order() {
         .unwrap();
     let kinds: Vec<_> = outcomes.iter().map(Outcome::kind).collect();
     assert_eq!(kinds, ["released", "executed"]);
-    assert_eq!(ran.load(Ordering::SeqCst), 7);
+    assert_eq!(ran.load(Ordering::SeqCst), 6);
     assert_eq!((ledger.rows("bad2").await, ledger.rows("c").await), (0, 1));
     ledger.drop_table().await;
 }
@@ -402,7 +339,7 @@ async fn overlapping_batches_in_any_order_apply_each_effect_once() {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let outcomes: Vec<Outcome<(), mysql_async::Error>> = store
-                .run_batch_transactional(&items, &Config::default(), move |i, tx| {
+                .run_batch_transactional(&items, &Config::default(), move |tx, i| {
                     let sql = sqls[i].clone();
                     Box::pin(async move { tx.query_drop(sql).await })
                 })
@@ -422,6 +359,56 @@ async fn overlapping_batches_in_any_order_apply_each_effect_once() {
     );
     for id in &ids {
         assert_eq!(ledger.rows(id).await, 1, "effect of {id}");
+    }
+    ledger.drop_table().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_connection_flags_do_not_change_outcomes() {
+    // Whether the claim inserted the row is told by its token, not by "rows affected", whose
+    // meaning depends on CLIENT_FOUND_ROWS: a caller's connection may have it either way.
+    let Some((store, ledger)) = setup().await else {
+        return;
+    };
+    let opts = mysql_async::Opts::from_url(&url().unwrap()).unwrap();
+    for found_rows in [false, true] {
+        let pool = mysql_async::Pool::new(
+            mysql_async::OptsBuilder::from_opts(opts.clone()).client_found_rows(found_rows),
+        );
+        let key = namespace().key("flags").unwrap();
+        let config = Config::default().max_attempts(3);
+        let mut kinds = Vec::new();
+        for fails in [true, false, false] {
+            let mut tx = pool
+                .start_transaction(mysql_async::TxOpts::default())
+                .await
+                .unwrap();
+            let sql = ledger.insert(&format!("flags-{found_rows}"));
+            let outcome: Outcome<(), String> = store
+                .run_in_transaction(&mut tx, &key, Fingerprint::of(b"p"), &config, |tx| {
+                    Box::pin(async move {
+                        tx.query_drop(sql).await.map_err(|e| e.to_string())?;
+                        if fails {
+                            Err("transient".to_owned())
+                        } else {
+                            Ok(())
+                        }
+                    })
+                })
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            kinds.push(outcome.kind());
+        }
+        assert_eq!(
+            kinds,
+            ["released", "executed", "replayed"],
+            "found_rows={found_rows}"
+        );
+        assert_eq!(ledger.rows(&format!("flags-{found_rows}")).await, 1);
+        let rec = store.get(&key).await.unwrap().unwrap();
+        assert_eq!((rec.state, rec.attempts), (State::Completed, 2));
+        pool.disconnect().await.unwrap();
     }
     ledger.drop_table().await;
 }

@@ -145,6 +145,22 @@ macro_rules! cached_query {
     };
 }
 
+/// A borrowed session: what the caller's-own-transaction functions hand to the shared code.
+impl<Q: Query + ?Sized> Query for &Q {
+    fn rows(
+        &self,
+        sql: &str,
+        types: &[Type],
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + Send {
+        (**self).rows(sql, types, params)
+    }
+
+    fn batch(&self, sql: &str) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send {
+        (**self).batch(sql)
+    }
+}
+
 cached_query!(deadpool_postgres::Client);
 cached_query!(deadpool_postgres::Transaction<'_>);
 

@@ -7,16 +7,17 @@
 //! runs again, on a fresh snapshot, for the rare key that another session changed between the
 //! statement's snapshot and its write; see the `sql` module.)
 //!
-//! Two modes (contract section 5):
+//! Two modes (docs/design.md, section 5):
 //! - **store mode**: [`PostgresStore`] implements [`idem::Store`] and [`idem::Inspect`]; use it
 //!   with [`idem::Executor`] when the handler's effects live elsewhere;
-//! - **transactional mode**: [`run_in_transaction`] (and [`run_batch_in_transaction`]) writes the
-//!   record in the **caller's own transaction**, with the handler's writes: commit = effect +
-//!   record, crash = neither. With the `sqlx` feature, [`sqlx::run_in_transaction`] does it
-//!   inside a `sqlx::Transaction<'_, Postgres>`. [`PostgresStore::run_transactional`] and
-//!   [`PostgresStore::run_batch_transactional`] do it in a transaction of idem's own on a pooled
-//!   connection: the fastest path (two round trips per batch), for consumers whose handlers
-//!   only need the connection.
+//! - **transactional mode**: the record is written in the same transaction as the handler's
+//!   writes: commit = effect + record, crash = neither. [`PostgresStore`] implements
+//!   [`idem::Transactional`] (`run_transactional`, `run_batch_transactional`): a transaction of
+//!   idem's own on a pooled connection, whose handlers write through a [`TxClient`]; the
+//!   fastest path (two round trips per batch). [`run_in_transaction`] (and
+//!   [`run_batch_in_transaction`]) do it in the **caller's own transaction**; with the `sqlx`
+//!   feature, [`sqlx::run_in_transaction`] does it inside a `sqlx::Transaction<'_, Postgres>`.
+//!   Every handler has the shape `(tx)` or, in a batch, `(tx, index)`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -103,9 +104,7 @@ use crate::exec::Tp;
 pub use crate::migrate::SCHEMA_VERSION;
 use crate::ops::Fenced;
 pub use crate::sql::{DEFAULT_SCHEMA, DEFAULT_TABLE, Table};
-pub use crate::tx::{
-    BoxFuture, PgTransaction, TxClient, run_batch_in_transaction, run_in_transaction,
-};
+pub use crate::tx::{PgTransaction, TxClient, run_batch_in_transaction, run_in_transaction};
 
 /// Builds a [`PostgresStore`].
 #[derive(Clone)]

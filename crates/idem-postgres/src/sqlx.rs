@@ -9,7 +9,10 @@
 
 use std::fmt;
 
-use idem::{Config, Error, Fingerprint, Key, Outcome, StoreError, StoreErrorKind, Stored};
+use idem::policy::Step;
+use idem::{
+    Config, Error, Fingerprint, Key, Outcome, StoreError, StoreErrorKind, Stored, TxFuture,
+};
 use sqlx_core::connection::Connection;
 use sqlx_core::row::Row;
 use sqlx_core::sql_str::AssertSqlSafe;
@@ -18,7 +21,7 @@ use sqlx_postgres::{PgConnection, PgRow, Postgres};
 use crate::error::kind_of_sqlstate;
 use crate::exec::{ClaimArgs, ClaimRow, CompleteArgs, Exec, FencedArgs, claim_row};
 use crate::sql::Table;
-use crate::tx::{self, BoxFuture, Step};
+use crate::tx;
 
 /// Runs `handler` exactly once per key inside the caller's open sqlx transaction, whose
 /// connection is `conn` (`&mut *tx`).
@@ -60,7 +63,7 @@ pub async fn run_in_transaction<T, E, F>(
 where
     T: Stored,
     E: fmt::Display,
-    F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
+    F: for<'c> FnOnce(&'c mut PgConnection) -> TxFuture<'c, T, E>,
 {
     if !conn.is_in_transaction() {
         return Err(StoreError::new(

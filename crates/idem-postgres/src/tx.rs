@@ -1,7 +1,12 @@
-//! Transactional mode (contract section 5): the record is written in the caller's own
-//! PostgreSQL transaction, with the handler's writes. Commit = effect + record; a crash or a
-//! rollback before the commit leaves neither, and the redelivery runs the handler as if for the
-//! first time. No window.
+//! Transactional mode (docs/design.md, section 5): the record is written in the same PostgreSQL
+//! transaction as the handler's writes. Commit = effect + record; a crash or a rollback before
+//! the commit leaves neither, and the redelivery runs the handler as if for the first time. No
+//! window.
+//!
+//! Two ways in: [`idem::Transactional`] for [`PostgresStore`] (a transaction of idem's own on a
+//! pooled connection, the fastest), and [`run_in_transaction`] / [`run_batch_in_transaction`]
+//! inside the caller's own transaction. What a claim, a handler's result and the final write
+//! mean comes from [`idem::policy`]; this module only decides which statements carry them.
 //!
 //! The claim runs inside the transaction. A new key is inserted, so its unique index entry is
 //! held until the transaction ends: a concurrent duplicate's claim blocks on that entry; when
@@ -22,20 +27,18 @@
 //! the replay, and must retry its transaction.
 
 use std::fmt;
-use std::future::Future;
+use std::ops::Deref;
 
+use idem::policy::{self, Mode, Step, Verdict};
 use idem::{
-    Claim, ClaimRequest, Completion, Config, Error, Fingerprint, Key, Lease, Outcome, StoreError,
-    StoreErrorKind, Stored, WriteOutcome,
+    ClaimRequest, CodecError, Completion, Config, Error, Fingerprint, Key, Lease, Outcome,
+    StoreError, StoreErrorKind, Stored, Transactional, TxFuture, WriteOutcome,
 };
 
 use crate::exec::{Exec, Query, Tp};
 use crate::ops::{self, Fenced};
 use crate::sql::{Statements, Table};
 use crate::{Pooled, PostgresStore};
-
-/// A boxed future borrowing the transaction: what transactional handlers return.
-pub type BoxFuture<'a, T> = futures_util::future::BoxFuture<'a, T>;
 
 mod sealed {
     pub trait Sealed {}
@@ -58,6 +61,8 @@ const UNDO: &str = "ROLLBACK TO SAVEPOINT idem_handler; RELEASE SAVEPOINT idem_h
 /// an aborted transaction with a rollback and no error (a handler that swallowed a failed
 /// statement and returned `Ok` would otherwise be reported as executed with nothing written).
 const COMMIT: &str = "SELECT 1; COMMIT";
+/// Idem's own transaction, begun again after a failed first pass: one round trip.
+const RESTART: &str = "ROLLBACK; BEGIN";
 const BATCH_SAVEPOINT: &str = "SAVEPOINT idem_batch";
 const BATCH_KEEP: &str = "RELEASE SAVEPOINT idem_batch";
 const BATCH_UNDO: &str = "ROLLBACK TO SAVEPOINT idem_batch; RELEASE SAVEPOINT idem_batch";
@@ -69,9 +74,8 @@ const BATCH_UNDO: &str = "ROLLBACK TO SAVEPOINT idem_batch; RELEASE SAVEPOINT id
 /// the same transaction and counts only if committed. The handler's writes are made inside a
 /// savepoint and undone if it returns `Err`. `config` supplies retention, the attempt limit,
 /// owner and retry backoff (the lease does not apply: the claim never outlives the transaction).
-///
-/// A result over `max_result_bytes` undoes the handler's writes and fails the key with the
-/// reason: nothing has happened yet that a retry would repeat, but the result would never fit.
+/// Outcomes come from [`idem::policy`] with [`Mode::Transactional`]: a result over
+/// `max_result_bytes` undoes the handler's writes and fails the key.
 /// If the handler panics, the panic propagates and the transaction, dropped, rolls back.
 ///
 /// The claim writes the key's record as completed before the handler runs, inside a savepoint
@@ -116,18 +120,19 @@ where
     C: PgTransaction,
     T: Stored,
     E: fmt::Display,
-    F: for<'c> FnOnce(&'c C) -> BoxFuture<'c, Result<T, E>>,
+    F: for<'c> FnOnce(&'c C) -> TxFuture<'c, T, E>,
 {
     // One item never runs twice: it either succeeds in the first pass or is the one that failed.
     let mut handler = Some(handler);
     let items = [(key.clone(), fingerprint)];
+    let mut session = tx;
     let mut outcomes = batch(
-        tx,
+        &mut session,
         table.sql(),
         &items,
         config,
         max_result_bytes,
-        |tx, _, _| handler.take().map(|h| h(tx)),
+        &mut |tx: &mut &C, _| handler.take().map(|h| h(*tx)),
     )
     .await?;
     count(config, &outcomes);
@@ -137,7 +142,7 @@ where
 }
 
 /// Transactional mode for many messages in one transaction: claims them in one statement, runs
-/// `handler(tx, index, key)` for each acquired one, and ends with one statement at most.
+/// `handler(tx, index)` for each acquired `items[index]`, and ends with one statement at most.
 ///
 /// Outcomes are in the order of `items`, as if each item went through [`run_in_transaction`]
 /// one after another (a key repeated in `items` is replayed from its first occurrence). All
@@ -160,15 +165,16 @@ where
     C: PgTransaction,
     T: Stored,
     E: fmt::Display,
-    F: for<'c> Fn(&'c C, usize, &'c Key) -> BoxFuture<'c, Result<T, E>>,
+    F: for<'c> Fn(&'c C, usize) -> TxFuture<'c, T, E>,
 {
+    let mut session = tx;
     let outcomes = batch(
-        tx,
+        &mut session,
         table.sql(),
         items,
         config,
         max_result_bytes,
-        |tx, i, key| Some(handler(tx, i, key)),
+        &mut |tx: &mut &C, i| Some(handler(*tx, i)),
     )
     .await?;
     count(config, &outcomes);
@@ -182,21 +188,22 @@ pub(crate) fn count<T, E>(config: &Config, outcomes: &[Outcome<T, E>]) {
     }
 }
 
-/// The fast path and its fallback, for one or many items; `handler` returns `None` if it
+/// The fast path and its fallback, for one or many items, inside an open transaction. `S` is
+/// the session idem runs its statements on and hands to `handler`, which returns `None` if it
 /// cannot run again (a single delivery's `FnOnce`).
-async fn batch<Q, T, E, H>(
-    q: &Q,
+async fn batch<S, T, E, H>(
+    s: &mut S,
     st: &Statements,
     items: &[(Key, Fingerprint)],
     config: &Config,
     max_result_bytes: usize,
-    mut handler: H,
+    handler: &mut H,
 ) -> Result<Vec<Outcome<T, E>>, Error>
 where
-    Q: Query + ?Sized,
+    S: Query + ?Sized,
     T: Stored,
     E: fmt::Display,
-    H: for<'c> FnMut(&'c Q, usize, &'c Key) -> Option<BoxFuture<'c, Result<T, E>>>,
+    H: for<'c> FnMut(&'c mut S, usize) -> Option<TxFuture<'c, T, E>>,
 {
     let mut out: Vec<Option<Outcome<T, E>>> = (0..items.len()).map(|_| None).collect();
     for round in ops::rounds(items.iter().map(|(k, _)| k)) {
@@ -206,38 +213,35 @@ where
             .collect();
         // Fast path: the savepoint and the claim (acquired keys written completed) in one
         // round trip, every handler, then the savepoint released with the non-empty results.
-        let (sp, claims) =
-            futures_util::future::join(async { Tp(q).simple(BATCH_SAVEPOINT).await }, async {
-                ops::claim_new_first(&mut Tp(q), st, &reqs).await
-            })
-            .await;
+        let q = &*s;
+        let (sp, claims) = futures_util::future::join(simple(q, BATCH_SAVEPOINT), async {
+            ops::claim_new_first(&mut Tp(q), st, &reqs).await
+        })
+        .await;
         sp?;
-        let run = settle_all(&round, claims?, &reqs, &mut out)?;
-        match run_all(q, items, &run, config, max_result_bytes, &mut handler).await? {
-            Pass::Done { values, results } => {
-                let (kept, written) = futures_util::future::join(
-                    async { Tp(q).simple(BATCH_KEEP).await },
-                    set_results(q, st, &results),
-                )
-                .await;
-                kept?;
+        let run = steps(&round, claims?, &reqs, &mut out)?;
+        match run_all(s, items, &run, config, max_result_bytes, handler).await? {
+            Pass::Done { kept, results } => {
+                let q = &*s;
+                let (released, written) =
+                    futures_util::future::join(simple(q, BATCH_KEEP), set_results(q, st, &results))
+                        .await;
+                released?;
                 written?;
-                for ((i, _), value) in run.iter().zip(values) {
-                    out[*i] = Some(Outcome::Executed(value));
-                }
+                record_kept(kept, &mut out);
             }
-            Pass::Failed(i, result) => {
-                Tp(q).simple(BATCH_UNDO).await?;
-                let failed = Some((i, result));
+            Pass::Failed(failure) => {
+                simple(&*s, BATCH_UNDO).await?;
+                let failed = Some(failure);
                 slow_round(
-                    q,
+                    s,
                     st,
                     items,
                     &round,
                     &reqs,
                     config,
                     max_result_bytes,
-                    &mut handler,
+                    handler,
                     failed,
                     &mut out,
                 )
@@ -248,16 +252,21 @@ where
     collect(out)
 }
 
-/// Claims of one round into outcomes (`out`) and the items to run.
-fn settle_all<T: Stored, E>(
+/// Runs parameterless statements (savepoints, `BEGIN`, `COMMIT`).
+async fn simple<Q: Query + ?Sized>(q: &Q, sql: &str) -> Result<(), StoreError> {
+    Tp(q).simple(sql).await
+}
+
+/// Claims of one round into outcomes (`out`) and the items to run, by the policy.
+fn steps<T: Stored, E>(
     round: &[usize],
-    claims: Vec<Claim>,
+    claims: Vec<idem::Claim>,
     reqs: &[ClaimRequest],
     out: &mut [Option<Outcome<T, E>>],
 ) -> Result<Vec<(usize, Lease)>, Error> {
     let mut run = Vec::new();
     for (&i, (claim, req)) in round.iter().zip(claims.into_iter().zip(reqs)) {
-        match settle(claim, req.fingerprint)? {
+        match policy::on_claim(claim, req.fingerprint)? {
             Step::Done(outcome) => out[i] = Some(outcome),
             Step::Run(lease) => run.push((i, lease)),
         }
@@ -265,20 +274,28 @@ fn settle_all<T: Stored, E>(
     Ok(run)
 }
 
-/// What the fast path's handlers produced.
-enum Pass<T, E> {
-    /// Every handler succeeded: their values, and the results that are not empty.
-    Done {
-        values: Vec<T>,
-        results: Vec<Completion>,
-    },
-    /// Item `i` failed (or its result cannot be stored); later items did not run.
-    Failed(usize, Result<T, E>),
+/// A first pass's failed item: its verdict (which undoes its writes) on attempt `attempt`.
+struct Failure<T, E> {
+    index: usize,
+    attempt: u32,
+    verdict: Verdict<T, E>,
 }
 
-/// Runs the handlers of `run` in order, stopping at the first failure.
-async fn run_all<Q, T, E, H>(
-    q: &Q,
+/// What the fast path's handlers produced.
+enum Pass<T, E> {
+    /// Every verdict keeps its writes: (item, attempt, verdict) each, and the results that are
+    /// not empty (the claim wrote the record completed with an empty one).
+    Done {
+        kept: Vec<(usize, u32, Verdict<T, E>)>,
+        results: Vec<Completion>,
+    },
+    /// An item's verdict undoes its writes; later items did not run.
+    Failed(Failure<T, E>),
+}
+
+/// Runs the handlers of `run` in order, stopping at the first verdict that undoes its writes.
+async fn run_all<S, T, E, H>(
+    s: &mut S,
     items: &[(Key, Fingerprint)],
     run: &[(usize, Lease)],
     config: &Config,
@@ -286,34 +303,58 @@ async fn run_all<Q, T, E, H>(
     handler: &mut H,
 ) -> Result<Pass<T, E>, Error>
 where
-    Q: Query + ?Sized,
+    S: ?Sized,
     T: Stored,
-    H: for<'c> FnMut(&'c Q, usize, &'c Key) -> Option<BoxFuture<'c, Result<T, E>>>,
+    E: fmt::Display,
+    H: for<'c> FnMut(&'c mut S, usize) -> Option<TxFuture<'c, T, E>>,
 {
-    let mut values = Vec::with_capacity(run.len());
+    let mut kept = Vec::with_capacity(run.len());
     let mut results = Vec::new();
-    for (i, lease) in run {
-        let key = &items[*i].0;
-        let fut = handler(q, *i, key).ok_or_else(called_twice)?;
-        let result = fut.await;
-        let bytes = match &result {
-            Ok(value) => value.encode().ok().filter(|b| b.len() <= max_result_bytes),
-            Err(_) => None,
-        };
-        match (result, bytes) {
-            (Ok(value), Some(bytes)) => {
-                if !bytes.is_empty() {
-                    results.push(
-                        Completion::new(key.clone(), lease.token, bytes)
-                            .retention(config.retention),
-                    );
-                }
-                values.push(value);
-            }
-            (result, _) => return Ok(Pass::Failed(*i, result)),
+    for &(i, lease) in run {
+        let result = handler(s, i).ok_or_else(called_twice)?.await;
+        let verdict = decide(result, lease.attempt, config, max_result_bytes)?;
+        if !verdict.keeps_writes() {
+            return Ok(Pass::Failed(Failure {
+                index: i,
+                attempt: lease.attempt,
+                verdict,
+            }));
         }
+        if let Verdict::Complete { result, .. } = &verdict {
+            if !result.is_empty() {
+                results.push(
+                    Completion::new(items[i].0.clone(), lease.token, result.clone())
+                        .retention(config.retention),
+                );
+            }
+        }
+        kept.push((i, lease.attempt, verdict));
     }
-    Ok(Pass::Done { values, results })
+    Ok(Pass::Done { kept, results })
+}
+
+/// The policy's verdict on a handler's result.
+fn decide<T: Stored, E: fmt::Display>(
+    result: Result<T, E>,
+    attempt: u32,
+    config: &Config,
+    max_result_bytes: usize,
+) -> Result<Verdict<T, E>, CodecError> {
+    policy::on_result(
+        result,
+        attempt,
+        config,
+        max_result_bytes,
+        Mode::Transactional,
+    )
+}
+
+/// The outcomes of a first pass that kept every item: their records are written (completed by
+/// the claim, with the non-empty results set after).
+fn record_kept<T, E>(kept: Vec<(usize, u32, Verdict<T, E>)>, out: &mut [Option<Outcome<T, E>>]) {
+    for (i, attempt, verdict) in kept {
+        out[i] = Some(verdict.recorded(attempt, WriteOutcome::Applied));
+    }
 }
 
 /// Sets the non-empty results of keys the fast path wrote completed.
@@ -337,10 +378,10 @@ async fn set_results<Q: Query + ?Sized>(
 }
 
 /// The fallback after a failure: claims the round again (in progress) and runs each item in a
-/// savepoint of its own; the failed item's result is recorded as it was, without running again.
+/// savepoint of its own; the failed item's verdict is recorded without running it again.
 #[allow(clippy::too_many_arguments)]
-async fn slow_round<Q, T, E, H>(
-    q: &Q,
+async fn slow_round<S, T, E, H>(
+    s: &mut S,
     st: &Statements,
     items: &[(Key, Fingerprint)],
     round: &[usize],
@@ -348,39 +389,63 @@ async fn slow_round<Q, T, E, H>(
     config: &Config,
     max_result_bytes: usize,
     handler: &mut H,
-    mut failed: Option<(usize, Result<T, E>)>,
+    mut failed: Option<Failure<T, E>>,
     out: &mut [Option<Outcome<T, E>>],
 ) -> Result<(), Error>
 where
-    Q: Query + ?Sized,
+    S: Query + ?Sized,
     T: Stored,
     E: fmt::Display,
-    H: for<'c> FnMut(&'c Q, usize, &'c Key) -> Option<BoxFuture<'c, Result<T, E>>>,
+    H: for<'c> FnMut(&'c mut S, usize) -> Option<TxFuture<'c, T, E>>,
 {
-    let claims = ops::claim_many(&mut Tp(q), &st.claim, reqs).await?;
-    for (i, lease) in settle_all(round, claims, reqs, out)? {
+    let claims = ops::claim_many(&mut Tp(&*s), &st.claim, reqs).await?;
+    for (i, lease) in steps(round, claims, reqs, out)? {
         let key = &items[i].0;
-        let outcome = match failed.take_if(|(f, _)| *f == i) {
-            Some((_, result)) => {
-                run_one(
-                    &mut Tp(q),
+        let outcome = match failed.take_if(|f| f.index == i) {
+            // Its writes are already undone, with the first pass's savepoint.
+            Some(failure) => {
+                let verdict = again(failure, &lease, config, max_result_bytes)?;
+                record(&mut Tp(&*s), st, key, &lease, config, verdict).await?
+            }
+            None => {
+                simple(&*s, SAVEPOINT).await?;
+                let result = handler(s, i).ok_or_else(called_twice)?.await;
+                finish(
+                    &mut Tp(&*s),
                     st,
                     key,
                     &lease,
                     config,
                     max_result_bytes,
-                    async { result },
+                    result,
                 )
                 .await?
-            }
-            None => {
-                let fut = handler(q, i, key).ok_or_else(called_twice)?;
-                run_one(&mut Tp(q), st, key, &lease, config, max_result_bytes, fut).await?
             }
         };
         out[i] = Some(outcome);
     }
     Ok(())
+}
+
+/// A first pass's verdict for the attempt the second pass claimed. Between the two, another
+/// session may have run the key (the first pass's rollback released it), and whether a failure
+/// is the last attempt depends on the attempt, so an error is decided again.
+fn again<T: Stored, E: fmt::Display>(
+    failure: Failure<T, E>,
+    lease: &Lease,
+    config: &Config,
+    max_result_bytes: usize,
+) -> Result<Verdict<T, E>, CodecError> {
+    if failure.attempt == lease.attempt {
+        return Ok(failure.verdict);
+    }
+    match failure.verdict {
+        Verdict::Release { error, .. }
+        | Verdict::Fail {
+            error: Some(error), ..
+        } => decide(Err(error), lease.attempt, config, max_result_bytes),
+        verdict => Ok(verdict),
+    }
 }
 
 fn collect<T, E>(out: Vec<Option<Outcome<T, E>>>) -> Result<Vec<Outcome<T, E>>, Error> {
@@ -401,35 +466,12 @@ fn called_twice() -> Error {
     .into()
 }
 
-/// What to do after the claim: run the handler, or answer without it.
-pub(crate) enum Step<T, E> {
-    Run(Lease),
-    Done(Outcome<T, E>),
-}
-
 pub(crate) fn request(key: &Key, fingerprint: Fingerprint, config: &Config) -> ClaimRequest {
     ClaimRequest::new(key.clone(), fingerprint)
         .lease(config.lease)
         .retention(config.retention)
         .max_attempts(config.max_attempts)
         .owner(config.owner.clone())
-}
-
-fn settle<T: Stored, E>(claim: Claim, received: Fingerprint) -> Result<Step<T, E>, Error> {
-    Ok(Step::Done(match claim {
-        Claim::Acquired(lease) => return Ok(Step::Run(lease)),
-        Claim::Completed { result } => Outcome::Replayed(T::decode(result)?),
-        Claim::InProgress { retry_after } => Outcome::InProgress { retry_after },
-        Claim::Mismatch { stored } => Outcome::Mismatch { stored, received },
-        Claim::Exhausted { attempts, reason } => Outcome::Exhausted {
-            attempts,
-            reason,
-            error: None,
-        },
-        _ => {
-            return Err(StoreError::new(StoreErrorKind::Backend, "unknown claim outcome").into());
-        }
-    }))
 }
 
 /// Claims one key inside the transaction (in progress), for sessions without the fast path.
@@ -446,77 +488,11 @@ pub(crate) async fn begin<X: Exec, T: Stored, E>(
         .await?
         .pop()
         .ok_or_else(|| StoreError::new(StoreErrorKind::Backend, "postgres claim: no answer"))?;
-    settle(claim, fingerprint)
+    Ok(policy::on_claim(claim, fingerprint)?)
 }
 
-fn completed<T, E>(value: T, written: WriteOutcome, lease: &Lease) -> Outcome<T, E> {
-    match written {
-        WriteOutcome::Applied => Outcome::Executed(value),
-        WriteOutcome::LeaseLost => lost(lease),
-    }
-}
-
-/// Fails the key with `reason` (the attempt limit, or a result that cannot be stored).
-async fn exhaust<X: Exec, T, E>(
-    x: &mut X,
-    st: &Statements,
-    key: &Key,
-    lease: &Lease,
-    config: &Config,
-    reason: String,
-    error: Option<E>,
-) -> Result<Outcome<T, E>, Error> {
-    let w = ops::fenced(
-        x,
-        st,
-        Fenced::Fail,
-        key,
-        lease.token,
-        reason.as_bytes(),
-        config.retention,
-    )
-    .await?;
-    Ok(if w.is_applied() {
-        Outcome::Exhausted {
-            attempts: lease.attempt,
-            reason,
-            error,
-        }
-    } else {
-        lost(lease)
-    })
-}
-
-/// The claim's row lock is held until the transaction ends, so only a write of the caller's
-/// own in this transaction (an evict) can take the key away; never report that as a success.
-fn lost<T, E>(lease: &Lease) -> Outcome<T, E> {
-    Outcome::LeaseLost {
-        attempt: lease.attempt,
-    }
-}
-
-/// Runs one acquired item's handler in its own savepoint and writes its final record.
-pub(crate) async fn run_one<X, T, E, Fut>(
-    x: &mut X,
-    st: &Statements,
-    key: &Key,
-    lease: &Lease,
-    config: &Config,
-    max_result_bytes: usize,
-    handler: Fut,
-) -> Result<Outcome<T, E>, Error>
-where
-    X: Exec,
-    T: Stored,
-    E: fmt::Display,
-    Fut: Future<Output = Result<T, E>>,
-{
-    x.simple(SAVEPOINT).await?;
-    let result = handler.await;
-    finish(x, st, key, lease, config, max_result_bytes, result).await
-}
-
-/// Ends the handler's savepoint (kept on success, undone otherwise) and writes the final record.
+/// Ends the handler's savepoint (kept or undone, as the policy's verdict says) and writes the
+/// final record.
 pub(crate) async fn finish<X: Exec, T: Stored, E: fmt::Display>(
     x: &mut X,
     st: &Statements,
@@ -526,176 +502,134 @@ pub(crate) async fn finish<X: Exec, T: Stored, E: fmt::Display>(
     max_result_bytes: usize,
     result: Result<T, E>,
 ) -> Result<Outcome<T, E>, Error> {
-    let token = lease.token;
-    match result {
-        Ok(value) => {
-            let bytes = match value.encode() {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    x.simple(UNDO).await?;
-                    return Err(e.into());
-                }
-            };
-            if bytes.len() > max_result_bytes {
-                x.simple(UNDO).await?;
-                let reason = format!(
-                    "the handler's result is {} bytes, over the store's limit of \
-                     {max_result_bytes}; its writes were rolled back and the key is failed",
-                    bytes.len()
-                );
-                return exhaust(x, st, key, lease, config, reason, None).await;
-            }
-            x.simple(KEEP).await?;
-            let w = ops::fenced(
-                x,
-                st,
-                Fenced::Complete,
-                key,
-                token,
-                &bytes,
-                config.retention,
-            )
-            .await?;
-            Ok(completed(value, w, lease))
-        }
-        Err(error) => {
-            x.simple(UNDO).await?;
-            if config
-                .max_attempts
-                .is_some_and(|max| lease.attempt >= max.get())
-            {
-                let reason = format!("attempt {} failed: {error}", lease.attempt);
-                exhaust(x, st, key, lease, config, reason, Some(error)).await
-            } else {
-                let w =
-                    ops::fenced(x, st, Fenced::Release, key, token, &[], config.retention).await?;
-                if !w.is_applied() {
-                    return Ok(lost(lease));
-                }
-                Ok(Outcome::Released {
-                    error,
-                    attempt: lease.attempt,
-                    retry_after: config.retry_backoff.delay(lease.attempt),
-                })
-            }
-        }
+    let verdict = decide(result, lease.attempt, config, max_result_bytes)?;
+    x.simple(if verdict.keeps_writes() { KEEP } else { UNDO })
+        .await?;
+    record(x, st, key, lease, config, verdict).await
+}
+
+/// Writes a verdict's record under the claim's token. The claim's row lock is held until the
+/// transaction ends, so only a write of the caller's own in this transaction (an evict) can
+/// take the key away; the policy never reports that as a success.
+async fn record<X: Exec, T, E>(
+    x: &mut X,
+    st: &Statements,
+    key: &Key,
+    lease: &Lease,
+    config: &Config,
+    verdict: Verdict<T, E>,
+) -> Result<Outcome<T, E>, Error> {
+    let (which, bytes): (Fenced, &[u8]) = match &verdict {
+        Verdict::Complete { result, .. } => (Fenced::Complete, result),
+        Verdict::Release { .. } => (Fenced::Release, &[]),
+        Verdict::Fail { reason, .. } => (Fenced::Fail, reason.as_bytes()),
+    };
+    let written = ops::fenced(x, st, which, key, lease.token, bytes, config.retention).await?;
+    Ok(verdict.recorded(lease.attempt, written))
+}
+
+/// A pooled connection inside a transaction that idem began for
+/// [`Transactional::run_batch_transactional`] (or `run_transactional`): handlers run their SQL
+/// on it (it dereferences to a [`deadpool_postgres::Client`], whose statement cache it shares)
+/// and idem commits. It gives no `&mut` access to the client, so a handler cannot begin a
+/// transaction of its own on it (`client.transaction()` would commit idem's early); it must not
+/// send `COMMIT` or `ROLLBACK` either.
+pub struct TxClient(Pooled);
+
+impl Deref for TxClient {
+    type Target = deadpool_postgres::Client;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
-/// A pooled connection inside a transaction that [`PostgresStore::run_transactional`] or
-/// [`PostgresStore::run_batch_transactional`] began: handlers run their SQL on it and must not
-/// commit or roll back themselves.
-pub type TxClient = deadpool_postgres::Client;
+impl fmt::Debug for TxClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TxClient").finish_non_exhaustive()
+    }
+}
 
-impl PostgresStore {
-    /// Transactional mode on a pooled connection, in a transaction of idem's own: runs `handler`
-    /// in it and commits. Returns once the handler's writes and the record are committed
-    /// together (or neither, on error). See [`PostgresStore::run_batch_transactional`].
-    ///
-    /// ```no_run
-    /// # async fn demo(store: idem_postgres::PostgresStore) -> Result<(), Box<dyn std::error::Error>> {
-    /// use idem::{Config, Namespace};
-    /// let key = Namespace::new("ledger")?.key("transfer-1")?;
-    /// let outcome = store
-    ///     .run_transactional(&key, b"payload", &Config::default(), |tx| Box::pin(async move {
-    ///         tx.execute("INSERT INTO ledger (transfer, amount) VALUES ('transfer-1', 10)", &[])
-    ///             .await
-    ///             .map(drop)
-    ///     }))
-    ///     .await?;
-    /// # let _ = outcome; Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// As [`run_in_transaction`]; a [`StoreError`] if the commit fails (then neither the
-    /// handler's writes nor the record exist).
-    pub async fn run_transactional<T, E, F>(
+impl Query for TxClient {
+    fn rows(
         &self,
-        key: &Key,
-        payload: impl AsRef<[u8]>,
-        config: &Config,
-        handler: F,
-    ) -> Result<Outcome<T, E>, Error>
-    where
-        T: Stored,
-        E: fmt::Display,
-        F: for<'c> FnOnce(&'c TxClient) -> BoxFuture<'c, Result<T, E>>,
-    {
-        let mut handler = Some(handler);
-        let items = [(key.clone(), Fingerprint::of(payload.as_ref()))];
-        let mut outcomes = self
-            .owned(&items, config, |c, _, _| handler.take().map(|h| h(c)))
-            .await?;
-        outcomes
-            .pop()
-            .ok_or_else(|| StoreError::new(StoreErrorKind::Backend, "no outcome").into())
+        sql: &str,
+        types: &[tokio_postgres::types::Type],
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + Send {
+        (**self).rows(sql, types, params)
     }
 
-    /// Transactional mode for a batch, in a transaction of idem's own on a pooled connection:
-    /// the throughput path for consumers that take messages in batches.
-    ///
-    /// Outcomes are those of [`run_batch_in_transaction`]. The common case costs two round
-    /// trips besides the handlers' own statements: `BEGIN` sent with the claim (new keys are
-    /// inserted as completed in one statement), then `COMMIT` (with the non-empty results).
-    /// Because idem owns the transaction it needs no savepoint: if a handler fails, the whole
-    /// transaction is rolled back and the batch runs again with one savepoint per item, so a
-    /// failure undoes only its own item's writes; `handler` may then run twice for an item.
-    ///
-    /// # Errors
-    /// As [`run_in_transaction`]; on any error nothing of the batch is committed and the
-    /// connection is closed rather than returned to the pool.
-    pub async fn run_batch_transactional<T, E, F>(
+    fn batch(&self, sql: &str) -> impl Future<Output = Result<(), tokio_postgres::Error>> + Send {
+        (**self).batch(sql)
+    }
+}
+
+/// Transactional mode in a transaction of idem's own on a pooled connection: the fastest path.
+///
+/// The common case costs two round trips besides the handlers' own statements: `BEGIN` sent
+/// with the claim (new keys are inserted as completed in one statement), then `COMMIT` (with
+/// the non-empty results). Because idem owns the transaction it needs no savepoint: if a
+/// handler fails, the whole transaction is rolled back and the batch runs again with one
+/// savepoint per item, so a failure undoes only its own item's writes; `handler` may then run
+/// twice for an item (never for the item that failed). Outcomes are those of
+/// [`run_batch_in_transaction`]. On any error nothing of the batch is committed and the
+/// connection is closed rather than returned to the pool; so it is if a handler panics.
+///
+/// ```no_run
+/// # async fn demo(store: idem_postgres::PostgresStore) -> Result<(), Box<dyn std::error::Error>> {
+/// use idem::{Config, Fingerprint, Namespace, Transactional};
+/// let key = Namespace::new("ledger")?.key("transfer-1")?;
+/// let outcome = store
+///     .run_transactional(&key, Fingerprint::of(b"10"), &Config::default(), |tx| {
+///         Box::pin(async move {
+///             tx.execute("INSERT INTO ledger (transfer, amount) VALUES ('transfer-1', 10)", &[])
+///                 .await
+///                 .map(drop)
+///         })
+///     })
+///     .await?;
+/// # let _ = outcome; Ok(()) }
+/// ```
+impl Transactional for PostgresStore {
+    type Tx = TxClient;
+
+    async fn run_batch_transactional<T, E, H>(
         &self,
         items: &[(Key, Fingerprint)],
         config: &Config,
-        handler: F,
+        handler: H,
     ) -> Result<Vec<Outcome<T, E>>, Error>
     where
-        T: Stored,
-        E: fmt::Display,
-        F: for<'c> Fn(&'c TxClient, usize, &'c Key) -> BoxFuture<'c, Result<T, E>>,
+        T: Stored + Send + 'static,
+        E: fmt::Display + Send + 'static,
+        H: for<'a> Fn(&'a mut TxClient, usize) -> TxFuture<'a, T, E> + Send + Sync + 'static,
     {
-        self.owned(items, config, |c, i, key| Some(handler(c, i, key)))
-            .await
-    }
-
-    async fn owned<T, E, H>(
-        &self,
-        items: &[(Key, Fingerprint)],
-        config: &Config,
-        mut handler: H,
-    ) -> Result<Vec<Outcome<T, E>>, Error>
-    where
-        T: Stored,
-        E: fmt::Display,
-        H: for<'c> FnMut(&'c TxClient, usize, &'c Key) -> Option<BoxFuture<'c, Result<T, E>>>,
-    {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
         // Until it is kept, the connection is closed when dropped: an error or a panicking
         // handler may leave it inside a transaction, which must never go back to the pool.
-        let client = Pooled(Some(self.client().await?));
-        let out = owned_on(
-            &client,
+        let mut client = TxClient(Pooled(Some(self.client().await?)));
+        let out = owned(
+            &mut client,
             self.table().sql(),
             items,
             config,
-            self.max_result(),
-            &mut handler,
+            self.max_result_bytes,
+            &mut |c: &mut TxClient, i| Some(handler(c, i)),
         )
         .await;
         if let Ok(outcomes) = &out {
-            client.keep();
+            client.0.keep();
             count(config, outcomes);
         }
         out
     }
-
-    fn max_result(&self) -> usize {
-        idem::Store::max_result_bytes(self)
-    }
 }
 
-async fn owned_on<T, E, H>(
-    client: &TxClient,
+/// Idem's own transaction on `c`: `BEGIN` with the claim, the handlers, `COMMIT`.
+async fn owned<T, E, H>(
+    c: &mut TxClient,
     st: &Statements,
     items: &[(Key, Fingerprint)],
     config: &Config,
@@ -705,50 +639,43 @@ async fn owned_on<T, E, H>(
 where
     T: Stored,
     E: fmt::Display,
-    H: for<'c> FnMut(&'c TxClient, usize, &'c Key) -> Option<BoxFuture<'c, Result<T, E>>>,
+    H: for<'c> FnMut(&'c mut TxClient, usize) -> Option<TxFuture<'c, T, E>>,
 {
-    // An error below may leave the transaction open or aborted: `owned` then closes the
+    // An error below may leave the transaction open or aborted: the caller then closes the
     // connection. A handler's error is an outcome, not an error.
-    let simple = |sql: &'static str| async move { Tp(client).simple(sql).await };
     let rounds = ops::rounds(items.iter().map(|(k, _)| k));
     let [round] = &rounds[..] else {
         // A batch repeating a key goes the general way, with savepoints.
-        simple("BEGIN").await?;
-        let outcomes = batch(client, st, items, config, max_result_bytes, |c, i, key| {
-            handler(c, i, key)
-        })
-        .await?;
-        simple(COMMIT).await?;
+        simple(&*c, "BEGIN").await?;
+        let outcomes = batch(c, st, items, config, max_result_bytes, handler).await?;
+        simple(&*c, COMMIT).await?;
         return Ok(outcomes);
     };
     let reqs: Vec<ClaimRequest> = items
         .iter()
         .map(|(key, fp)| request(key, *fp, config))
         .collect();
-    let (begun, claims) = futures_util::future::join(simple("BEGIN"), async {
-        ops::claim_new_first(&mut Tp(client), st, &reqs).await
+    let q = &*c;
+    let (begun, claims) = futures_util::future::join(simple(q, "BEGIN"), async {
+        ops::claim_new_first(&mut Tp(q), st, &reqs).await
     })
     .await;
     begun?;
     let mut out: Vec<Option<Outcome<T, E>>> = (0..items.len()).map(|_| None).collect();
-    let run = settle_all(round, claims?, &reqs, &mut out)?;
-    match run_all(client, items, &run, config, max_result_bytes, handler).await? {
-        Pass::Done { values, results } => {
-            set_results(client, st, &results).await?;
-            simple(COMMIT).await?;
-            for ((i, _), value) in run.iter().zip(values) {
-                out[*i] = Some(Outcome::Executed(value));
-            }
+    let run = steps(round, claims?, &reqs, &mut out)?;
+    match run_all(c, items, &run, config, max_result_bytes, handler).await? {
+        Pass::Done { kept, results } => {
+            set_results(&*c, st, &results).await?;
+            simple(&*c, COMMIT).await?;
+            record_kept(kept, &mut out);
         }
-        Pass::Failed(i, result) => {
+        Pass::Failed(failure) => {
             // Start again with one savepoint per item; the failed item's writes are gone with
-            // the rollback and its result is recorded as it was.
-            simple("ROLLBACK").await?;
-            simple("BEGIN").await?;
+            // the rollback and its verdict is recorded without running it again.
+            simple(&*c, RESTART).await?;
             out.iter_mut().for_each(|o| *o = None);
-            let failed = Some((i, result));
             slow_round(
-                client,
+                c,
                 st,
                 items,
                 round,
@@ -756,12 +683,62 @@ where
                 config,
                 max_result_bytes,
                 handler,
-                failed,
+                Some(failure),
                 &mut out,
             )
             .await?;
-            simple(COMMIT).await?;
+            simple(&*c, COMMIT).await?;
         }
     }
     collect(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use idem::{Acquisition, Timestamp, Token};
+
+    use super::*;
+
+    fn lease(attempt: u32) -> Lease {
+        Lease::new(
+            Token::random(),
+            attempt,
+            Timestamp::from_millis(0),
+            Acquisition::Retry,
+        )
+    }
+
+    fn failure(attempt: u32, config: &Config) -> Failure<(), String> {
+        let verdict = decide(Err("boom".to_owned()), attempt, config, 16).expect("verdict");
+        Failure {
+            index: 0,
+            attempt,
+            verdict,
+        }
+    }
+
+    #[test]
+    fn a_failure_is_decided_again_for_the_attempt_the_second_pass_claimed() {
+        let config = Config::default().max_attempts(2);
+        // Same attempt: the first pass's verdict stands.
+        let same = again(failure(1, &config), &lease(1), &config, 16).expect("verdict");
+        assert!(matches!(same, Verdict::Release { .. }), "{same:?}");
+        // Another session ran attempt 1 in between: this is now the last attempt.
+        let later = again(failure(1, &config), &lease(2), &config, 16).expect("verdict");
+        let Verdict::Fail { reason: want, .. } = failure(2, &config).verdict else {
+            panic!("the policy fails the last attempt");
+        };
+        assert!(
+            matches!(later, Verdict::Fail { ref reason, error: Some(_) } if *reason == want),
+            "{later:?}"
+        );
+        // A result over the limit fails whatever the attempt.
+        let big = Failure {
+            index: 0,
+            attempt: 1,
+            verdict: decide::<String, String>(Ok("x".repeat(17)), 1, &config, 16).expect("verdict"),
+        };
+        let big = again(big, &lease(2), &config, 16).expect("verdict");
+        assert!(matches!(big, Verdict::Fail { error: None, .. }), "{big:?}");
+    }
 }

@@ -1,5 +1,7 @@
-//! Transactional mode against the shared server: the record commits with the handler's writes,
-//! or neither does; concurrent duplicates apply the effect once.
+//! Transactional mode against the shared server, beyond the transactional conformance suite
+//! (tests/tx_conformance.rs): the caller's own transactions, idem's fast path and its per-item
+//! fallback, handlers that hide a failed statement or panic, and batches that meet in opposite
+//! orders.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,153 +9,14 @@ mod common;
 
 use std::sync::Arc;
 
-use idem::{Config, Disposition, Fingerprint, Namespace, Outcome, State, Store};
+use idem::{Config, Fingerprint, Namespace, Outcome, State, Store, Transactional, TxFuture};
+use idem_postgres::TxClient;
 use tokio_postgres::NoTls;
 
 use common::Db;
 
 fn key(id: &str) -> idem::Key {
     Namespace::new("ledger").unwrap().key(id).unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn effect_and_record_commit_together_and_duplicates_replay() {
-    let Some(db) = Db::new("idem_tx_commit").await else {
-        return;
-    };
-    let ledger = db.ledger();
-    for delivery in 0..3 {
-        let ledger = ledger.clone();
-        let outcome = db
-            .store
-            .run_transactional(&key("t1"), b"10", &Config::default(), move |tx| {
-                Box::pin(async move {
-                    tx.execute(&format!("INSERT INTO {ledger} VALUES ('t1', 10)"), &[])
-                        .await?;
-                    Ok::<_, tokio_postgres::Error>("receipt-1".to_owned())
-                })
-            })
-            .await
-            .expect("delivery");
-        match (delivery, outcome) {
-            (0, Outcome::Executed(r)) | (1.., Outcome::Replayed(r)) => assert_eq!(r, "receipt-1"),
-            (n, other) => panic!("delivery {n}: unexpected {other:?}"),
-        }
-    }
-    assert_eq!(db.ledger_rows().await, 1, "the effect must be applied once");
-    let rec = db.store.get(&key("t1")).await.unwrap().expect("record");
-    assert_eq!((rec.state, rec.attempts), (State::Completed, 1));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_handler_leaves_no_writes_and_counts_the_attempt() {
-    let Some(db) = Db::new("idem_tx_fail").await else {
-        return;
-    };
-    let config = Config::default().max_attempts(2);
-    for attempt in 1..=2u32 {
-        let ledger = db.ledger();
-        let outcome: Outcome<(), String> = db
-            .store
-            .run_transactional(&key("t1"), b"p", &config, move |tx| {
-                Box::pin(async move {
-                    tx.execute(&format!("INSERT INTO {ledger} VALUES ('t1', 10)"), &[])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Err(format!("declined by the bank ({attempt})"))
-                })
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            db.ledger_rows().await,
-            0,
-            "a failed handler's write must be undone"
-        );
-        let rec = db.store.get(&key("t1")).await.unwrap().expect("record");
-        assert_eq!(
-            rec.attempts, attempt,
-            "attempts are counted in the same transaction"
-        );
-        if attempt == 1 {
-            assert!(
-                matches!(outcome, Outcome::Released { attempt: 1, .. }),
-                "{outcome:?}"
-            );
-            assert_eq!(rec.state, State::Released);
-        } else {
-            match outcome.disposition() {
-                Disposition::DeadLetter { reason } => {
-                    assert!(reason.contains("declined by the bank (2)"), "{reason}")
-                }
-                other => panic!("the last allowed attempt must dead-letter, got {other:?}"),
-            }
-            assert_eq!((rec.state, rec.attempts), (State::Failed, 2));
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_deliveries_apply_the_effect_once() {
-    let Some(db) = Db::new("idem_tx_race").await else {
-        return;
-    };
-    let db = Arc::new(db);
-    let barrier = Arc::new(tokio::sync::Barrier::new(12));
-    let mut tasks = Vec::new();
-    for _ in 0..12 {
-        let (db, barrier) = (db.clone(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            let (ledger, accounts) = (db.ledger(), db.accounts());
-            let outcome: Outcome<(), tokio_postgres::Error> = db
-                .store
-                .run_transactional(&key("t"), b"p", &Config::default(), move |tx| {
-                    Box::pin(async move {
-                        let debit =
-                            format!("UPDATE {accounts} SET balance = balance - 10 WHERE id = 1");
-                        let credit =
-                            format!("UPDATE {accounts} SET balance = balance + 10 WHERE id = 2");
-                        tx.execute(&debit, &[]).await?;
-                        tx.execute(&credit, &[]).await?;
-                        tx.execute(&format!("INSERT INTO {ledger} VALUES ('t', 10)"), &[])
-                            .await?;
-                        // Hold the transaction open so that the duplicates really overlap it.
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        Ok(())
-                    })
-                })
-                .await
-                .expect("delivery");
-            outcome.kind()
-        }));
-    }
-    let mut kinds = Vec::new();
-    for t in tasks {
-        kinds.push(t.await.unwrap());
-    }
-    assert_eq!(
-        kinds.iter().filter(|k| **k == "executed").count(),
-        1,
-        "{kinds:?}"
-    );
-    assert!(
-        kinds.iter().all(|k| *k == "executed" || *k == "replayed"),
-        "duplicates block on the key and then replay: {kinds:?}"
-    );
-    assert_eq!(db.ledger_rows().await, 1);
-    let client = db.store.pool().get().await.unwrap();
-    let balances: Vec<i32> = client
-        .query(
-            &format!("SELECT balance FROM {} ORDER BY id", db.accounts()),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(balances, [90, 10]);
 }
 
 async fn run_plain(
@@ -227,20 +90,18 @@ async fn a_batch_behaves_like_its_items_one_after_another() {
         &items,
         &config,
         1024,
-        |tx, _, key| {
+        |tx, i| {
             let ledger = ledger.clone();
+            let id = items[i].0.id().to_owned();
             calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Box::pin(async move {
-                tx.execute(
-                    &format!("INSERT INTO {ledger} VALUES ($1, 1)"),
-                    &[&key.id()],
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                if key.id() == "bad" {
+                tx.execute(&format!("INSERT INTO {ledger} VALUES ($1, 1)"), &[&id])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if id == "bad" {
                     return Err("bad item".to_owned());
                 }
-                Ok(format!("done {}", key.id()))
+                Ok(format!("done {id}"))
             })
         },
     )
@@ -273,78 +134,16 @@ async fn a_batch_behaves_like_its_items_one_after_another() {
     assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 6);
 }
 
-type Handler =
-    dyn for<'c> FnOnce(
-        &'c idem_postgres::TxClient,
-    ) -> idem_postgres::BoxFuture<'c, Result<Vec<u8>, tokio_postgres::Error>>;
-
-fn insert(ledger: String, id: &'static str, result: Vec<u8>) -> Box<Handler> {
-    Box::new(move |tx| {
-        Box::pin(async move {
-            tx.execute(&format!("INSERT INTO {ledger} VALUES ($1, 1)"), &[&id])
-                .await?;
-            Ok(result)
-        })
-    })
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mismatch_and_oversized_results_leave_no_writes() {
-    let Some(db) = Db::new("idem_tx_limits").await else {
-        return;
-    };
-    let config = Config::default();
-    let ok = db
-        .store
-        .run_transactional(
-            &key("m"),
-            b"amount=10",
-            &config,
-            insert(db.ledger(), "m", vec![]),
-        )
-        .await
-        .unwrap();
-    assert!(ok.is_executed());
-    let mismatch = db
-        .store
-        .run_transactional(
-            &key("m"),
-            b"amount=99",
-            &config,
-            insert(db.ledger(), "m", vec![]),
-        )
-        .await
-        .unwrap();
-    assert!(matches!(mismatch, Outcome::Mismatch { .. }), "{mismatch:?}");
-    let big = db
-        .store
-        .run_transactional(
-            &key("big"),
-            b"p",
-            &config,
-            insert(db.ledger(), "big", vec![0; 65 * 1024]),
-        )
-        .await
-        .unwrap();
-    assert!(matches!(big, Outcome::Exhausted { .. }), "{big:?}");
-    assert_eq!(db.ledger_rows().await, 1, "only the first effect exists");
-    assert_eq!(
-        db.store.get(&key("big")).await.unwrap().unwrap().state,
-        State::Failed
-    );
-}
-
 fn owned_handler(
     ledger: String,
+    ids: &[&str],
     fail: &'static str,
-) -> impl for<'c> Fn(
-    &'c idem_postgres::TxClient,
-    usize,
-    &'c idem::Key,
-) -> idem_postgres::BoxFuture<'c, Result<String, String>> {
-    move |c, _, key| {
+) -> impl for<'c> Fn(&'c mut TxClient, usize) -> TxFuture<'c, String, String> + Send + Sync + 'static
+{
+    let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+    move |c, i| {
         let ledger = ledger.clone();
-        let id = key.id().to_owned();
+        let id = ids[i].clone();
         Box::pin(async move {
             c.execute(&format!("INSERT INTO {ledger} VALUES ($1, 1)"), &[&id])
                 .await
@@ -362,7 +161,7 @@ async fn a_store_owned_batch_commits_once_and_falls_back_per_item_on_failure() {
     let Some(db) = Db::new("idem_tx_owned").await else {
         return;
     };
-    let handler = |fail| owned_handler(db.ledger(), fail);
+    let handler = |ids, fail| owned_handler(db.ledger(), ids, fail);
     let items = |ids: &[&str]| -> Vec<(idem::Key, Fingerprint)> {
         ids.iter()
             .map(|id| (key(id), Fingerprint::of(b"p")))
@@ -372,7 +171,7 @@ async fn a_store_owned_batch_commits_once_and_falls_back_per_item_on_failure() {
     // The fast path: every handler succeeds, one commit.
     let first = db
         .store
-        .run_batch_transactional(&items(&["a", "b"]), &config, handler("none"))
+        .run_batch_transactional(&items(&["a", "b"]), &config, handler(&["a", "b"], "none"))
         .await
         .unwrap();
     assert_eq!(
@@ -380,9 +179,10 @@ async fn a_store_owned_batch_commits_once_and_falls_back_per_item_on_failure() {
         ["executed", "executed"]
     );
     // A failure rolls the attempt back and runs the batch again, one savepoint per item.
+    let ids4 = items(&["a", "c", "d", "e"]);
     let second = db
         .store
-        .run_batch_transactional(&items(&["a", "c", "d", "e"]), &config, handler("d"))
+        .run_batch_transactional(&ids4, &config, handler(&["a", "c", "d", "e"], "d"))
         .await
         .unwrap();
     let kinds: Vec<_> = second.iter().map(Outcome::kind).collect();
@@ -417,7 +217,7 @@ async fn a_handler_that_hides_a_failed_statement_is_not_reported_as_executed() {
     // commit would silently roll back, so idem must report an error, never `Executed`.
     let result = db
         .store
-        .run_transactional(&key("h"), b"p", &Config::default(), |c| {
+        .run_transactional(&key("h"), Fingerprint::of(b"p"), &Config::default(), |c| {
             Box::pin(async move {
                 let _ = c.execute("INSERT INTO no_such_table VALUES (1)", &[]).await;
                 Ok::<_, String>(())
@@ -429,7 +229,7 @@ async fn a_handler_that_hides_a_failed_statement_is_not_reported_as_executed() {
     // The store keeps working, and the redelivery runs.
     let ok = db
         .store
-        .run_transactional(&key("h"), b"p", &Config::default(), |_| {
+        .run_transactional(&key("h"), Fingerprint::of(b"p"), &Config::default(), |_| {
             Box::pin(async { Ok::<_, String>(()) })
         })
         .await
@@ -445,16 +245,21 @@ async fn a_panicking_handler_commits_nothing_and_leaves_no_open_transaction_in_t
     let (store, ledger) = (db.store.clone(), db.ledger());
     let joined = tokio::spawn(async move {
         store
-            .run_transactional(&key("p"), b"p", &Config::default(), move |c| {
-                Box::pin(async move {
-                    c.execute(&format!("INSERT INTO {ledger} VALUES ('p', 1)"), &[])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    panic!("handler bug");
-                    #[allow(unreachable_code)]
-                    Ok::<_, String>(())
-                })
-            })
+            .run_transactional(
+                &key("p"),
+                Fingerprint::of(b"p"),
+                &Config::default(),
+                move |c| {
+                    Box::pin(async move {
+                        c.execute(&format!("INSERT INTO {ledger} VALUES ('p', 1)"), &[])
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        panic!("handler bug");
+                        #[allow(unreachable_code)]
+                        Ok::<_, String>(())
+                    })
+                },
+            )
             .await
     })
     .await;
@@ -464,13 +269,18 @@ async fn a_panicking_handler_commits_nothing_and_leaves_no_open_transaction_in_t
     let ledger = db.ledger();
     let next = db
         .store
-        .run_transactional(&key("q"), b"q", &Config::default(), move |c| {
-            Box::pin(async move {
-                c.execute(&format!("INSERT INTO {ledger} VALUES ('q', 1)"), &[])
-                    .await
-                    .map(drop)
-            })
-        })
+        .run_transactional(
+            &key("q"),
+            Fingerprint::of(b"q"),
+            &Config::default(),
+            move |c| {
+                Box::pin(async move {
+                    c.execute(&format!("INSERT INTO {ledger} VALUES ('q', 1)"), &[])
+                        .await
+                        .map(drop)
+                })
+            },
+        )
         .await
         .unwrap();
     assert!(next.is_executed());
@@ -518,7 +328,7 @@ async fn overlapping_batches_in_opposite_orders_do_not_deadlock() {
                     &items,
                     &config,
                     1024,
-                    |_, _, _| Box::pin(async { Ok::<_, String>(()) }),
+                    |_, _| Box::pin(async { Ok::<_, String>(()) }),
                 )
                 .await;
                 match out {

@@ -1,7 +1,7 @@
 -- Prepended to every idem script (see src/script.rs). KEYS are records; each name carries a hash
 -- tag around `namespace:id`. Release, extend, fail and purge take one key; claim and complete
--- take one key or a batch (which only a server without Redis Cluster accepts, see `Batching`
--- in src/lib.rs).
+-- take one key or a batch (on Redis Cluster, a batch of keys of one hash slot only: see
+-- `Batching` in src/lib.rs).
 --
 -- A record is one string, so that a claim of a new key is a single SET NX GET and every other
 -- write one SET:

@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 use redis::{Cmd, Pipeline, RedisError, Script, ServerErrorKind, Value};
 
 macro_rules! script {
@@ -48,21 +48,25 @@ fn is_noscript(v: &Value) -> bool {
 
 /// Sends one script call; on `NOSCRIPT` (the script did not run), loads it and sends it again.
 pub(crate) async fn eval(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     script: &Script,
     cmd: &Cmd,
 ) -> Result<Value, RedisError> {
-    let value = conn.send_packed_command(cmd).await?;
+    let value = conn.req_packed_command(cmd).await?;
     if !is_noscript(&value) {
         return Ok(value);
     }
     script.load_async(conn).await?;
-    conn.send_packed_command(cmd).await
+    conn.req_packed_command(cmd).await
 }
 
 /// Sends a pipeline of calls of one script in one round trip; the replies come back in order,
 /// server errors included. Calls answered with `NOSCRIPT` did not run: the script is loaded and
 /// they are sent again, in their order.
+///
+/// With `wait` (a `WAIT` command), the pipeline ends with it, after every call; when calls are
+/// sent again, so is the `WAIT`, after them. Its reply (the replicas that acknowledged every
+/// write of the connection so far) is returned beside the calls' replies.
 ///
 /// Redis runs a pipeline's commands in order but not atomically, so when the script vanishes and
 /// another client loads it again while this pipeline runs, a later call may have run before an
@@ -70,16 +74,26 @@ pub(crate) async fn eval(
 /// the same key this is the same as another consumer's call running in between: every answer
 /// is still true of the record.
 pub(crate) async fn eval_pipeline(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     script: &Script,
     pipe: &Pipeline,
-) -> Result<Vec<Value>, RedisError> {
-    let mut values = conn.send_packed_commands(pipe, 0, pipe.len()).await?;
+    wait: Option<&Cmd>,
+) -> Result<(Vec<Value>, Option<Value>), RedisError> {
+    let mut values = match wait {
+        None => conn.req_packed_commands(pipe, 0, pipe.len()).await?,
+        Some(wait) => {
+            let mut with_wait = pipe.clone();
+            with_wait.add_command(wait.clone());
+            conn.req_packed_commands(&with_wait, 0, with_wait.len())
+                .await?
+        }
+    };
+    let mut waited = wait.and_then(|_| values.pop());
     let missing: Vec<usize> = (0..values.len())
         .filter(|&i| is_noscript(&values[i]))
         .collect();
     if missing.is_empty() {
-        return Ok(values);
+        return Ok((values, waited));
     }
     script.load_async(conn).await?;
     let cmds: Vec<&Cmd> = pipe.cmd_iter().collect();
@@ -87,11 +101,17 @@ pub(crate) async fn eval_pipeline(
     for &i in &missing {
         retry.add_command(cmds[i].clone());
     }
-    let again = conn.send_packed_commands(&retry, 0, retry.len()).await?;
+    if let Some(wait) = wait {
+        retry.add_command(wait.clone());
+    }
+    let mut again = conn.req_packed_commands(&retry, 0, retry.len()).await?;
+    if wait.is_some() {
+        waited = again.pop();
+    }
     for (i, v) in missing.into_iter().zip(again) {
         values[i] = v;
     }
-    Ok(values)
+    Ok((values, waited))
 }
 
 #[cfg(test)]

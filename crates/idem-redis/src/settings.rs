@@ -3,7 +3,7 @@
 //! without the append-only file every record vanishes when the server restarts.
 
 use redis::Value;
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 
 /// The server settings that decide how durable deduplication is, as `CONFIG GET` reported them
 /// when the store connected. A field is `None` when the server refused to say (managed services
@@ -43,14 +43,16 @@ impl ServerSettings {
     ///
     /// # Errors
     /// The connection's error when the server cannot be reached.
-    pub(crate) async fn read(conn: &mut ConnectionManager) -> Result<Self, redis::RedisError> {
+    pub(crate) async fn read(
+        conn: &mut (impl ConnectionLike + Send),
+    ) -> Result<Self, redis::RedisError> {
         let names = ["maxmemory-policy", "maxmemory", "appendonly", "appendfsync"];
         let mut pipe = redis::pipe();
         for name in names {
             pipe.cmd("CONFIG").arg("GET").arg(name);
         }
         pipe.cmd("INFO").arg("server");
-        let mut values = conn.send_packed_commands(&pipe, 0, names.len() + 1).await?;
+        let mut values = conn.req_packed_commands(&pipe, 0, names.len() + 1).await?;
         let info = values.pop();
         let mut got = names
             .iter()

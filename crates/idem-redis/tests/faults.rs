@@ -710,14 +710,157 @@ async fn tls_urls_need_the_tls_feature() {
     assert!(e.to_string().contains("`tls` feature"), "{e}");
 }
 
-/// A Redis Cluster node is refused at connect with a clear error: this client holds one
-/// connection to one server, and a batch script spans many hash slots.
+/// A Redis Cluster node whose cluster is not ready (here: one node, no slots assigned) is
+/// refused at connect with a clear, transient error naming the cluster state; a list of
+/// several servers that are not cluster nodes is a configuration error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_node_is_refused_clearly() {
+async fn a_cluster_that_is_not_ready_is_refused_clearly() {
     let Some(server) = PrivateRedis::start(&["--cluster-enabled", "yes"]) else {
         return;
     };
     let err = RedisStore::connect(&server.url()).await.unwrap_err();
-    assert_eq!(err.kind(), idem::StoreErrorKind::Config, "{err}");
+    assert_eq!(err.kind(), idem::StoreErrorKind::Unavailable, "{err}");
     assert!(err.to_string().contains("Redis Cluster"), "{err}");
+    assert!(err.to_string().contains("cluster_state:fail"), "{err}");
+    let Some(other) = PrivateRedis::start(&[]) else {
+        return;
+    };
+    let Some(standalone) = PrivateRedis::start(&[]) else {
+        return;
+    };
+    let port = |url: String| url.rsplit(':').next().unwrap().to_owned();
+    let two = format!(
+        "redis://127.0.0.1:{},127.0.0.1:{}",
+        port(standalone.url()),
+        port(other.url())
+    );
+    let err = RedisStore::connect(&two).await.unwrap_err();
+    assert_eq!(err.kind(), idem::StoreErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("several servers"), "{err}");
+}
+
+/// Durability option on a standalone primary: with a replica attached, `WAIT 1` after claims
+/// and completions succeeds; with none, every claim and completion returns a transient
+/// `Unavailable` error saying the replica did not acknowledge, and the store counts them. The
+/// write itself stays on the primary (WAIT does not roll back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_replica_errs_and_counts_without_one() {
+    let Some(primary) = PrivateRedis::start(&[]) else {
+        return;
+    };
+    let primary_port = primary.url().rsplit(':').next().unwrap().to_owned();
+    let store = RedisStore::builder(primary.url())
+        .wait_for_replicas(1, Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let ns = ns();
+    let k = key(&ns, "alone");
+    let r = req(&k);
+    let err = store.claim(&r).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("0 of 1 replica"), "{err}");
+    assert_eq!(store.unacknowledged_writes(), 1);
+    let rec = store
+        .get(&k)
+        .await
+        .unwrap()
+        .expect("the claim stays on the primary");
+    assert_eq!(rec.state, State::InProgress);
+    let done = Completion::new(k.clone(), r.token, Bytes::from_static(b"x"));
+    let err = store.complete_many(&[done]).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
+    assert_eq!(store.unacknowledged_writes(), 2);
+
+    // A replica joins: the same store's writes are acknowledged.
+    let Some(replica) = PrivateRedis::start(&["--replicaof", "127.0.0.1", &primary_port]) else {
+        return;
+    };
+    let mut admin = replica.client();
+    let deadline = Instant::now() + HANG;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut admin)
+            .unwrap();
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never synced: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let k2 = key(&ns, "replicated");
+    let r2 = req(&k2);
+    assert!(matches!(
+        store.claim(&r2).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+    let done = Completion::new(k2.clone(), r2.token, Bytes::from_static(b"kept"));
+    assert!(store.complete(&done).await.unwrap().is_applied());
+    assert_eq!(
+        store.unacknowledged_writes(),
+        2,
+        "nothing more was unacknowledged"
+    );
+    let mut on_replica = replica.client();
+    let copied: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(store.record_key(&k2))
+        .query(&mut on_replica)
+        .unwrap();
+    assert!(
+        copied.is_some(),
+        "WAIT returned, so the replica holds the completion"
+    );
+    // A wait as long as the operation deadline is refused.
+    let e = RedisStore::builder(primary.url())
+        .timeout(Duration::from_secs(1))
+        .wait_for_replicas(1, Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Config, "{e}");
+}
+
+/// Failure reproduced (CI, on a shared Redis full of other tests' keys): a `SCAN` page can hold
+/// no key under the prefix while the cursor goes on, and the purge sent Redis an empty pipeline
+/// ("empty command"). A purge and the operator views must walk past empty pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_walk_past_pages_without_our_keys() {
+    let Some(server) = PrivateRedis::start(&[]) else {
+        return;
+    };
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..5_000 {
+        pipe.cmd("SET")
+            .arg(format!("someone-else:{i}"))
+            .arg("x")
+            .ignore();
+    }
+    let () = pipe.query(&mut admin).unwrap();
+    let store = RedisStore::builder(server.url())
+        .prefix("ours:")
+        .connect()
+        .await
+        .unwrap();
+    let k = key(&ns(), "old");
+    let r = req(&k);
+    store.claim(&r).await.unwrap();
+    let gone = Duration::from_millis(1);
+    assert!(store.release(&k, r.token, gone).await.unwrap().is_applied());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store.count_by_state().await.unwrap(),
+        [(State::Released, 1)]
+    );
+    assert_eq!(store.purge_expired(10).await.unwrap(), 1);
+    assert_eq!(store.purge_expired(10).await.unwrap(), 0);
+    assert!(store.in_progress(10).await.unwrap().is_empty());
 }

@@ -5,7 +5,7 @@
 //! into one transaction (group commit), so throughput does not collapse to one commit per
 //! message.
 //!
-//! Two modes (contract section 5):
+//! Two modes (docs/design.md, section 5):
 //! - **store mode**: [`SqliteStore`] implements [`idem::Store`]; use it with
 //!   [`idem::Executor`] when the handler's effects live elsewhere;
 //! - **transactional mode**: [`SqliteStore::run_transactional`] (or
@@ -331,7 +331,7 @@ impl SqliteStore {
     async fn call<T, F>(&self, isolated: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, Timestamp) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Connection, Timestamp) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(FnJob::new(f, tx, isolated));

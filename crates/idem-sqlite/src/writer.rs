@@ -30,7 +30,7 @@ pub(crate) const ROLLBACK_JOB: &str = "ROLLBACK TO idem_job";
 pub(crate) trait Job: Send {
     /// Runs on the writer's connection inside the batch transaction; returns the reply to send
     /// once the batch has committed.
-    fn run(self: Box<Self>, conn: &Connection, now: Timestamp) -> Box<dyn Deliver>;
+    fn run(self: Box<Self>, conn: &mut Connection, now: Timestamp) -> Box<dyn Deliver>;
     /// Fails the job without running it (the batch could not start).
     fn abort(self: Box<Self>, err: &StoreError);
     /// Whether the job may write several rows or run user code, and so needs a savepoint to be
@@ -64,9 +64,9 @@ impl<T, F> FnJob<T, F> {
 impl<T, F> Job for FnJob<T, F>
 where
     T: Send + 'static,
-    F: FnOnce(&Connection, Timestamp) -> Result<T, StoreError> + Send,
+    F: FnOnce(&mut Connection, Timestamp) -> Result<T, StoreError> + Send,
 {
-    fn run(self: Box<Self>, conn: &Connection, now: Timestamp) -> Box<dyn Deliver> {
+    fn run(self: Box<Self>, conn: &mut Connection, now: Timestamp) -> Box<dyn Deliver> {
         let value = (self.f)(conn, now);
         Box::new(Reply { tx: self.tx, value })
     }
@@ -142,7 +142,7 @@ impl Shared {
         if !self.inline || self.stats.queued.load(Ordering::Acquire) > 0 {
             return Some(job);
         }
-        let Some(conn) = self.conn.try_lock() else {
+        let Some(mut conn) = self.conn.try_lock() else {
             return Some(job);
         };
         if begin(&conn, Duration::ZERO).is_err() {
@@ -150,14 +150,14 @@ impl Shared {
         }
         self.stats.inline.fetch_add(1, Ordering::Relaxed);
         let mut replies = Vec::with_capacity(1);
-        self.run_begun(&conn, std::iter::once(job), &mut replies);
+        self.run_begun(&mut conn, std::iter::once(job), &mut replies);
         None
     }
 
     /// Runs a batch in one transaction and delivers the replies.
     fn run_batch(
         &self,
-        conn: &Connection,
+        conn: &mut Connection,
         jobs: &mut Vec<Box<dyn Job>>,
         replies: &mut Vec<Box<dyn Deliver>>,
     ) {
@@ -173,7 +173,7 @@ impl Shared {
 
     fn run_begun(
         &self,
-        conn: &Connection,
+        conn: &mut Connection,
         jobs: impl Iterator<Item = Box<dyn Job>>,
         replies: &mut Vec<Box<dyn Deliver>>,
     ) {
@@ -238,7 +238,7 @@ fn begin(conn: &Connection, patience: Duration) -> Result<(), StoreError> {
     }
 }
 
-fn run_job(conn: &Connection, job: Box<dyn Job>, now: Timestamp) -> Box<dyn Deliver> {
+fn run_job(conn: &mut Connection, job: Box<dyn Job>, now: Timestamp) -> Box<dyn Deliver> {
     if !job.isolated() {
         return job.run(conn, now);
     }
@@ -282,12 +282,12 @@ pub(crate) fn run_writer(shared: Arc<Shared>, rx: Receiver<Box<dyn Job>>) {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        let conn = shared.conn.lock();
+        let mut conn = shared.conn.lock();
         shared
             .stats
             .queued
             .fetch_sub(jobs.len() as u64, Ordering::AcqRel);
-        shared.run_batch(&conn, &mut jobs, &mut replies);
+        shared.run_batch(&mut conn, &mut jobs, &mut replies);
     }
 }
 

@@ -14,7 +14,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use idem::{ClaimRequest, Completion, Config, Fingerprint, Namespace, Outcome, State, Store};
+use idem::{
+    ClaimRequest, Completion, Config, Fingerprint, Namespace, Outcome, State, Store, Transactional,
+};
 use idem_sqlite::SqliteStore;
 
 const CHILD_ENV: &str = "IDEM_CRASH_CHILD";
@@ -133,16 +135,18 @@ async fn child_transactional(db: &str) {
     let store = SqliteStore::open(db).expect("open");
     let key = ns().key("transfer-1").expect("key");
     let _ = store
-        .run_transactional(key, b"10".to_vec(), Config::default(), |conn| {
-            conn.execute(
-                "INSERT INTO ledger (transfer, amount) VALUES ('transfer-1', 10)",
-                [],
-            )?;
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "effect written").expect("stdout");
-            out.flush().expect("flush");
-            std::thread::sleep(Duration::from_secs(120));
-            Ok::<_, rusqlite::Error>(())
+        .run_transactional(&key, Fingerprint::of(b"10"), &Config::default(), |conn| {
+            Box::pin(async move {
+                conn.execute(
+                    "INSERT INTO ledger (transfer, amount) VALUES ('transfer-1', 10)",
+                    [],
+                )?;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "effect written").expect("stdout");
+                out.flush().expect("flush");
+                std::thread::sleep(Duration::from_secs(120));
+                Ok::<_, rusqlite::Error>(())
+            })
         })
         .await;
     panic!("the child should have been killed before the commit");
@@ -212,12 +216,14 @@ async fn transactional_crash_before_commit_leaves_neither_effect_nor_record() {
     // The redelivery applies the effect, once; later duplicates replay.
     for delivery in 0..3 {
         let outcome = store
-            .run_transactional(key.clone(), b"10".to_vec(), Config::default(), |conn| {
-                conn.execute(
-                    "INSERT INTO ledger (transfer, amount) VALUES ('transfer-1', 10)",
-                    [],
-                )
-                .map(|_| ())
+            .run_transactional(&key, Fingerprint::of(b"10"), &Config::default(), |conn| {
+                Box::pin(async move {
+                    conn.execute(
+                        "INSERT INTO ledger (transfer, amount) VALUES ('transfer-1', 10)",
+                        [],
+                    )
+                    .map(|_| ())
+                })
             })
             .await
             .expect("redelivery");

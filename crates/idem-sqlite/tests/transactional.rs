@@ -2,9 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-
-use idem::{Config, Disposition, Fingerprint, Namespace, Outcome, State, Store, StoreErrorKind};
+use idem::{Config, Fingerprint, Namespace, Store, StoreErrorKind, Transactional};
 use idem_sqlite::SqliteStore;
 
 fn store() -> (SqliteStore, tempfile::TempDir) {
@@ -35,149 +33,105 @@ fn insert(conn: &rusqlite::Connection, id: &str) -> rusqlite::Result<()> {
         .map(drop)
 }
 
-#[tokio::test]
-async fn a_failed_handler_leaves_no_writes_and_counts_the_attempt() {
-    let (store, _dir) = store();
-    let config = Config::default().max_attempts(2);
-    let first: Outcome<(), String> = store
-        .run_transactional(key("t1"), b"p", config.clone(), |conn| {
-            insert(conn, "t1").map_err(|e| e.to_string())?;
-            Err("declined by the bank".to_owned())
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(first, Outcome::Released { attempt: 1, .. }),
-        "{first:?}"
-    );
-    assert_eq!(
-        rows(&store),
-        0,
-        "the failed handler's write must be rolled back"
-    );
-    let rec = store.get(&key("t1")).await.unwrap().unwrap();
-    assert_eq!((rec.state, rec.attempts), (State::Released, 1));
-
-    let second: Outcome<(), String> = store
-        .run_transactional(key("t1"), b"p", config.clone(), |conn| {
-            insert(conn, "t1").map_err(|e| e.to_string())?;
-            Err("declined again".to_owned())
-        })
-        .await
-        .unwrap();
-    match second.disposition() {
-        Disposition::DeadLetter { reason } => {
-            assert!(reason.contains("declined again"), "{reason}")
-        }
-        other => panic!("second failure of two must dead-letter, got {other:?}"),
-    }
-    assert_eq!(rows(&store), 0);
-    assert_eq!(
-        store.get(&key("t1")).await.unwrap().unwrap().state,
-        State::Failed
-    );
+/// The transactional conformance suite on a file of its own per check.
+struct Harness {
+    store: SqliteStore,
+    _dir: tempfile::TempDir,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_deliveries_apply_the_effect_once() {
+async fn harness() -> Harness {
     let (store, _dir) = store();
-    let mut tasks = Vec::new();
-    let barrier = Arc::new(tokio::sync::Barrier::new(16));
-    for _ in 0..16 {
-        let (store, barrier) = (store.clone(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            store
-                .run_transactional(key("t"), b"p", Config::default(), |conn| {
-                    conn.execute(
-                        "UPDATE accounts SET balance = balance - 10 WHERE id = 1",
-                        [],
-                    )?;
-                    conn.execute(
-                        "UPDATE accounts SET balance = balance + 10 WHERE id = 2",
-                        [],
-                    )?;
-                    insert(conn, "t")
-                })
-                .await
-                .unwrap()
-                .kind()
-        }));
-    }
-    let mut kinds = Vec::new();
-    for t in tasks {
-        kinds.push(t.await.unwrap());
-    }
-    assert_eq!(
-        kinds.iter().filter(|k| **k == "executed").count(),
-        1,
-        "{kinds:?}"
-    );
-    assert_eq!(
-        kinds.iter().filter(|k| **k == "replayed").count(),
-        15,
-        "{kinds:?}"
-    );
-    assert_eq!(rows(&store), 1);
-    let conn = rusqlite::Connection::open(store.path().unwrap()).unwrap();
-    let b: (i64, i64) = conn
-        .query_row("SELECT (SELECT balance FROM accounts WHERE id=1), (SELECT balance FROM accounts WHERE id=2)", [], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap();
-    assert_eq!(b, (90, 10));
+    let conn = rusqlite::Connection::open(store.path().expect("file")).expect("open");
+    conn.execute_batch("CREATE TABLE effects (id TEXT NOT NULL)")
+        .expect("effects table");
+    Harness { store, _dir }
 }
+
+impl idem_conformance::TxHarness for Harness {
+    type Store = SqliteStore;
+
+    fn store(&self) -> SqliteStore {
+        self.store.clone()
+    }
+
+    fn write_effect(conn: &mut rusqlite::Connection, id: String) -> idem::TxFuture<'_, (), String> {
+        Box::pin(async move {
+            conn.execute("INSERT INTO effects (id) VALUES (?1)", [id])
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    async fn effects(&self, id: &str) -> u64 {
+        let conn = rusqlite::Connection::open(self.store.path().expect("file")).expect("open");
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM effects WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        u64::try_from(n).expect("a count")
+    }
+}
+
+idem_conformance::transactional_tests!(harness);
 
 #[tokio::test]
 async fn a_panicking_handler_is_rolled_back_and_the_store_keeps_working() {
     let (store, _dir) = store();
+    let fp = Fingerprint::of(b"p");
     let result = store
-        .run_transactional(
-            key("p"),
-            b"p",
-            Config::default(),
-            |conn| -> Result<(), String> {
+        .run_transactional(&key("p"), fp, &Config::default(), move |conn| {
+            Box::pin(async move {
                 insert(conn, "p").unwrap();
-                panic!("handler bug");
-            },
-        )
+                if fp == Fingerprint::of(b"p") {
+                    panic!("handler bug");
+                }
+                Ok::<_, String>(())
+            })
+        })
         .await;
     let err = result.expect_err("a panicking handler must not report success");
     assert!(err.to_string().contains("panicked"), "{err}");
     assert_eq!(rows(&store), 0);
     assert!(store.get(&key("p")).await.unwrap().is_none());
     let ok = store
-        .run_transactional(key("p"), b"p", Config::default(), |conn| insert(conn, "p"))
+        .run_transactional(&key("p"), fp, &Config::default(), |conn| {
+            Box::pin(async move { insert(conn, "p") })
+        })
         .await
         .unwrap();
     assert!(ok.is_executed());
     assert_eq!(rows(&store), 1);
 }
 
+/// The handler runs on the writer thread, which cannot wait: a handler whose future is not
+/// ready at once is refused with a clear error, and nothing of its batch is written.
 #[tokio::test]
-async fn mismatch_and_oversized_results_leave_no_writes() {
+async fn a_handler_that_waits_is_refused_and_writes_nothing() {
     let (store, _dir) = store();
-    let ok = store
-        .run_transactional(key("m"), b"amount=10", Config::default(), |conn| {
-            insert(conn, "m")
+    let items = vec![
+        (key("w1"), Fingerprint::of(b"p")),
+        (key("w2"), Fingerprint::of(b"p")),
+    ];
+    let err = store
+        .run_batch_transactional(&items, &Config::default(), |conn, i| {
+            Box::pin(async move {
+                insert(conn, if i == 0 { "w1" } else { "w2" }).map_err(|e| e.to_string())?;
+                if i == 1 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, String>(())
+            })
         })
         .await
-        .unwrap();
-    assert!(ok.is_executed());
-    let mismatch = store
-        .run_transactional(key("m"), b"amount=99", Config::default(), |conn| {
-            insert(conn, "m")
-        })
-        .await
-        .unwrap();
-    assert!(matches!(mismatch, Outcome::Mismatch { .. }));
-    let big = store
-        .run_transactional(key("big"), b"p", Config::default(), |conn| {
-            insert(conn, "big")?;
-            Ok::<_, rusqlite::Error>(vec![0u8; 65 * 1024])
-        })
-        .await
-        .unwrap();
-    assert!(matches!(big, Outcome::Exhausted { .. }), "{big:?}");
-    assert_eq!(rows(&store), 1, "only the first effect exists");
+        .expect_err("a waiting handler must fail the batch");
+    match &err {
+        idem::Error::Store(e) => assert_eq!(e.kind(), StoreErrorKind::Config, "{err}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("without waiting"), "{err}");
+    assert_eq!(rows(&store), 0, "nothing of the batch is written");
+    assert!(store.get(&key("w1")).await.unwrap().is_none());
 }
 
 #[test]
@@ -210,7 +164,7 @@ fn opening_a_missing_directory_names_the_path() {
 }
 
 /// Transactional mode keeps the executor's counters, under the config's name; a key processed
-/// again after its retention counts as reprocessed (contract scenario 6).
+/// again after its retention counts as reprocessed (docs/design.md, section 8, scenario 6).
 #[test]
 fn transactional_outcomes_are_counted() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();

@@ -1,6 +1,11 @@
 //! Errors. Duplicates, in-progress claims, mismatches and lost leases are *outcomes*
 //! ([`Claim`](crate::Claim), [`WriteOutcome`](crate::WriteOutcome)), not errors: an error means
 //! the store could not answer, and the caller must fail closed (no handler, no ack).
+//!
+//! Stores and brokers report errors of one shape, [`KindError<K>`]: a kind to `match` on (what
+//! went wrong, [`StoreErrorKind`] for stores, `idem_broker::BrokerErrorKind` for brokers), a
+//! message for humans, and the driver's error as `source`. The kind decides whether retrying may
+//! help ([`ErrorKind::is_transient`]). [`StoreError`] is `KindError<StoreErrorKind>`.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -9,6 +14,104 @@ use crate::key::KeyError;
 
 /// A boxed error from a store's driver, kept as the `source` of a [`StoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The kind of a [`KindError`]: a small `Copy` enum whose variants say what went wrong, and
+/// whether retrying later may succeed.
+///
+/// ```
+/// use idem::{ErrorKind, KindError};
+///
+/// #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// enum QueueErrorKind { Full, Closed }
+///
+/// impl std::fmt::Display for QueueErrorKind {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         f.write_str(match self { Self::Full => "queue full", Self::Closed => "queue closed" })
+///     }
+/// }
+///
+/// impl ErrorKind for QueueErrorKind {
+///     fn is_transient(self) -> bool { self == Self::Full }
+/// }
+///
+/// let e = KindError::new(QueueErrorKind::Full, "1024 entries");
+/// assert!(e.is_transient());
+/// assert_eq!(e.to_string(), "queue full: 1024 entries");
+/// ```
+pub trait ErrorKind: Copy + Eq + fmt::Debug + fmt::Display + Send + Sync + 'static {
+    /// Whether retrying the same operation later may succeed.
+    fn is_transient(self) -> bool;
+}
+
+/// An error of kind `K`: a [`kind`](KindError::kind) for callers to `match` on without seeing
+/// driver internals, a message for humans (never a credential), and the driver's error as
+/// `source`. Displayed as `<kind>: <message>`.
+///
+/// Stores return [`StoreError`] (`KindError<StoreErrorKind>`), brokers `idem_broker::BrokerError`
+/// (`KindError<BrokerErrorKind>`). The umbrella [`Error`] enum keeps its name; this is the
+/// shape both of its I/O sides share.
+pub struct KindError<K> {
+    kind: K,
+    message: Cow<'static, str>,
+    source: Option<BoxError>,
+}
+
+impl<K: ErrorKind> KindError<K> {
+    /// An error of `kind` with a message.
+    pub fn new(kind: K, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying driver error.
+    #[must_use]
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> K {
+        self.kind
+    }
+
+    /// The human-readable message (without the source).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether retrying later may succeed: decided by the kind.
+    pub fn is_transient(&self) -> bool {
+        self.kind.is_transient()
+    }
+}
+
+impl<K: fmt::Display> fmt::Display for KindError<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl<K: fmt::Debug> fmt::Debug for KindError<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KindError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl<K: fmt::Debug + fmt::Display> std::error::Error for KindError<K> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// What went wrong in a store, for callers to `match` on without seeing driver internals.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -59,34 +162,17 @@ impl fmt::Display for StoreErrorKind {
     }
 }
 
-/// An error from a [`Store`](crate::Store): a [`kind`](StoreError::kind), a message for humans,
-/// and the driver's error as `source`.
-#[derive(Debug, thiserror::Error)]
-#[error("{kind}: {message}")]
-pub struct StoreError {
-    kind: StoreErrorKind,
-    message: Cow<'static, str>,
-    #[source]
-    source: Option<BoxError>,
+impl ErrorKind for StoreErrorKind {
+    fn is_transient(self) -> bool {
+        StoreErrorKind::is_transient(self)
+    }
 }
 
-impl StoreError {
-    /// An error of `kind` with a message.
-    pub fn new(kind: StoreErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
-    }
+/// An error from a [`Store`](crate::Store): a [`kind`](KindError::kind), a message for humans,
+/// and the driver's error as `source`. See [`KindError`].
+pub type StoreError = KindError<StoreErrorKind>;
 
-    /// Attaches the underlying driver error.
-    #[must_use]
-    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
-        self.source = Some(source.into());
-        self
-    }
-
+impl KindError<StoreErrorKind> {
     /// The store is unreachable.
     pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(StoreErrorKind::Unavailable, message)
@@ -103,21 +189,6 @@ impl StoreError {
             StoreErrorKind::ResultTooLarge,
             format!("result is {size} bytes, the store's limit is {limit} bytes"),
         )
-    }
-
-    /// What went wrong.
-    pub fn kind(&self) -> StoreErrorKind {
-        self.kind
-    }
-
-    /// The human-readable message (without the source).
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-
-    /// Whether retrying later may succeed.
-    pub fn is_transient(&self) -> bool {
-        self.kind.is_transient()
     }
 }
 
@@ -159,5 +230,27 @@ impl Error {
     /// Whether retrying later may succeed (a transient store error).
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Store(e) if e.is_transient())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_shape_for_every_kind() {
+        let io = std::io::Error::other("connection reset");
+        let e = StoreError::new(StoreErrorKind::Unavailable, "reading the record").with_source(io);
+        assert_eq!(e.to_string(), "store unavailable: reading the record");
+        assert_eq!(e.kind(), StoreErrorKind::Unavailable);
+        assert_eq!(e.message(), "reading the record");
+        assert!(e.is_transient());
+        let source = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("connection reset"));
+        assert!(!StoreError::corrupt("bad bytes").is_transient());
+        assert!(Error::from(StoreError::unavailable("down")).is_transient());
+        // A KindError is itself a source for another.
+        let outer = StoreError::new(StoreErrorKind::Backend, "wrapped").with_source(e);
+        assert!(std::error::Error::source(&outer).is_some());
     }
 }

@@ -38,19 +38,24 @@
 //! `idem-conformance` suite. See `docs/design.md` for the invariants and the failure model.
 
 mod any;
+pub mod conditional;
 mod error;
 mod executor;
 mod key;
 mod memory;
 pub mod metrics;
+pub mod policy;
 mod record;
 mod redact;
 mod store;
 mod stored;
+mod transactional;
 pub mod transition;
 
 pub use crate::any::AnyStore;
-pub use crate::error::{BoxError, CodecError, Error, StoreError, StoreErrorKind};
+pub use crate::error::{
+    BoxError, CodecError, Error, ErrorKind, KindError, StoreError, StoreErrorKind,
+};
 pub use crate::executor::{
     Attempt, Backoff, Config, Disposition, Executor, Heartbeat, OnInProgress, Outcome,
 };
@@ -62,8 +67,10 @@ pub use crate::record::{
 pub use crate::redact::redact_url;
 pub use crate::store::{
     Acquisition, Claim, ClaimRequest, Completion, DEFAULT_LEASE, DEFAULT_MAX_RESULT_BYTES,
-    DEFAULT_RETENTION, Inspect, Lease, Store, WriteOutcome, check_result_size, default_owner,
+    DEFAULT_RETENTION, Inspect, Lease, Store, StoreLayer, StoreOp, WriteOutcome, check_result_size,
+    default_owner,
 };
 #[cfg(feature = "json")]
 pub use crate::stored::Json;
 pub use crate::stored::Stored;
+pub use crate::transactional::{Transactional, TxFuture, tx_handler};

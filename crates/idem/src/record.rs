@@ -198,7 +198,7 @@ impl fmt::Debug for Token {
     }
 }
 
-/// The state of a record (contract section 3).
+/// The state of a record (docs/design.md, section 3).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[non_exhaustive]
 pub enum State {

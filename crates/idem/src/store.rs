@@ -155,7 +155,7 @@ impl Lease {
     }
 }
 
-/// What a claim returns (contract section 3).
+/// What a claim returns (docs/design.md, section 3).
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]
 pub enum Claim {
@@ -250,7 +250,7 @@ pub fn check_result_size(result: &[u8], limit: usize) -> Result<(), StoreError> 
 
 /// A store of idempotency records.
 ///
-/// Every method is one atomic operation on the store (contract section 3). Time for leases and
+/// Every method is one atomic operation on the store (docs/design.md, section 3). Time for leases and
 /// retention is the store's own clock. Errors mean the store could not answer: callers fail
 /// closed. The batch forms must behave exactly like the single forms applied in order; stores
 /// override them to use one round trip or one commit.
@@ -400,27 +400,175 @@ pub trait Inspect: Store {
     ) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
 }
 
-impl<S: Store> Store for Arc<S> {
+/// One operation on a store, as a [`StoreLayer`] sees it on its way to the inner store: which
+/// method, and its arguments. Batches stay batches ([`ClaimMany`](StoreOp::ClaimMany),
+/// [`CompleteMany`](StoreOp::CompleteMany)).
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub enum StoreOp<'a> {
+    /// [`Store::claim`].
+    Claim(&'a ClaimRequest),
+    /// [`Store::claim_many`].
+    ClaimMany(&'a [ClaimRequest]),
+    /// [`Store::complete`].
+    Complete(&'a Completion),
+    /// [`Store::complete_many`].
+    CompleteMany(&'a [Completion]),
+    /// [`Store::release`].
+    Release {
+        /// The key.
+        key: &'a Key,
+        /// The claim's token.
+        token: Token,
+    },
+    /// [`Store::extend`].
+    Extend {
+        /// The key.
+        key: &'a Key,
+        /// The claim's token.
+        token: Token,
+    },
+    /// [`Store::fail`].
+    Fail {
+        /// The key.
+        key: &'a Key,
+        /// The claim's token.
+        token: Token,
+        /// The reason stored with the failed record.
+        reason: &'a str,
+    },
+    /// [`Store::get`].
+    Get(&'a Key),
+    /// [`Store::evict`].
+    Evict(&'a Key),
+    /// [`Store::purge_expired`].
+    PurgeExpired {
+        /// The most records to delete.
+        limit: usize,
+    },
+}
+
+impl<'a> StoreOp<'a> {
+    /// The [`Store`] method's name (`"claim_many"`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreOp::Claim(_) => "claim",
+            StoreOp::ClaimMany(_) => "claim_many",
+            StoreOp::Complete(_) => "complete",
+            StoreOp::CompleteMany(_) => "complete_many",
+            StoreOp::Release { .. } => "release",
+            StoreOp::Extend { .. } => "extend",
+            StoreOp::Fail { .. } => "fail",
+            StoreOp::Get(_) => "get",
+            StoreOp::Evict(_) => "evict",
+            StoreOp::PurgeExpired { .. } => "purge_expired",
+        }
+    }
+
+    /// Whether this is a batch form (one call for many keys).
+    pub fn is_batch(&self) -> bool {
+        matches!(self, StoreOp::ClaimMany(_) | StoreOp::CompleteMany(_))
+    }
+
+    /// The keys the operation touches, in order: one for the single forms, one per item for the
+    /// batch forms, none for [`PurgeExpired`](StoreOp::PurgeExpired).
+    pub fn keys(&self) -> impl Iterator<Item = &'a Key> + 'a {
+        let (one, claims, completions): (Option<&'a Key>, &'a [ClaimRequest], &'a [Completion]) =
+            match *self {
+                StoreOp::Claim(r) => (Some(&r.key), &[], &[]),
+                StoreOp::ClaimMany(rs) => (None, rs, &[]),
+                StoreOp::Complete(c) => (Some(&c.key), &[], &[]),
+                StoreOp::CompleteMany(cs) => (None, &[], cs),
+                StoreOp::Release { key, .. }
+                | StoreOp::Extend { key, .. }
+                | StoreOp::Fail { key, .. }
+                | StoreOp::Get(key)
+                | StoreOp::Evict(key) => (Some(key), &[], &[]),
+                StoreOp::PurgeExpired { .. } => (None, &[], &[]),
+            };
+        one.into_iter()
+            .chain(claims.iter().map(|r| &r.key))
+            .chain(completions.iter().map(|c| &c.key))
+    }
+}
+
+/// A store that wraps another and changes only some of what it does: the **single forwarding
+/// point** for wrappers (fault injection, counting, delays, logging).
+///
+/// Implement [`inner`](StoreLayer::inner), and [`around`](StoreLayer::around) for what the
+/// wrapper changes; every [`StoreLayer`] is a [`Store`] by a blanket implementation that hands
+/// each call to the inner store **in the same form**: [`claim_many`](Store::claim_many) as
+/// `claim_many` and [`complete_many`](Store::complete_many) as `complete_many`, so a wrapper can
+/// never lose the inner store's batching (which a hand-written `impl Store` does silently by
+/// leaving the batch methods to their one-by-one defaults). `Arc<S>` is a layer over `S`.
+///
+/// ```
+/// use std::future::Future;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use idem::{MemoryStore, StoreError, StoreLayer, StoreOp};
+///
+/// /// Counts the round trips to the store.
+/// struct Counted { inner: MemoryStore, calls: AtomicU64 }
+///
+/// impl StoreLayer for Counted {
+///     type Inner = MemoryStore;
+///     fn inner(&self) -> &MemoryStore { &self.inner }
+///     fn around<T: Send>(
+///         &self,
+///         _op: StoreOp<'_>,
+///         call: impl Future<Output = Result<T, StoreError>> + Send,
+///     ) -> impl Future<Output = Result<T, StoreError>> + Send {
+///         self.calls.fetch_add(1, Ordering::Relaxed);
+///         call
+///     }
+/// }
+/// # let _ = Counted { inner: MemoryStore::new(), calls: AtomicU64::new(0) };
+/// ```
+pub trait StoreLayer: Send + Sync + 'static {
+    /// The wrapped store.
+    type Inner: Store;
+
+    /// The wrapped store, which every operation reaches through [`around`](StoreLayer::around).
+    fn inner(&self) -> &Self::Inner;
+
+    /// Runs one operation: `call` is the inner store's answer to `op`, not started yet (stores
+    /// act only when their futures are polled, as `async fn` methods do). The default awaits
+    /// it unchanged. A layer may fail
+    /// without awaiting it (the store never saw the call), fail after it (the write happened,
+    /// the caller hears an error), delay it, count it or log it. A batch arrives as one
+    /// operation whose [`keys`](StoreOp::keys) are the batch's, and fails or succeeds as a whole,
+    /// as a batch does on a real store.
+    fn around<T: Send>(
+        &self,
+        op: StoreOp<'_>,
+        call: impl Future<Output = Result<T, StoreError>> + Send,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send {
+        let _ = op;
+        call
+    }
+}
+
+impl<L: StoreLayer> Store for L {
     fn claim(&self, req: &ClaimRequest) -> impl Future<Output = Result<Claim, StoreError>> + Send {
-        (**self).claim(req)
+        self.around(StoreOp::Claim(req), self.inner().claim(req))
     }
     fn claim_many(
         &self,
         reqs: &[ClaimRequest],
     ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send {
-        (**self).claim_many(reqs)
+        self.around(StoreOp::ClaimMany(reqs), self.inner().claim_many(reqs))
     }
     fn complete(
         &self,
         c: &Completion,
     ) -> impl Future<Output = Result<WriteOutcome, StoreError>> + Send {
-        (**self).complete(c)
+        self.around(StoreOp::Complete(c), self.inner().complete(c))
     }
     fn complete_many(
         &self,
         cs: &[Completion],
     ) -> impl Future<Output = Result<Vec<WriteOutcome>, StoreError>> + Send {
-        (**self).complete_many(cs)
+        self.around(StoreOp::CompleteMany(cs), self.inner().complete_many(cs))
     }
     fn release(
         &self,
@@ -428,7 +576,10 @@ impl<S: Store> Store for Arc<S> {
         token: Token,
         retention: Duration,
     ) -> impl Future<Output = Result<WriteOutcome, StoreError>> + Send {
-        (**self).release(key, token, retention)
+        self.around(
+            StoreOp::Release { key, token },
+            self.inner().release(key, token, retention),
+        )
     }
     fn extend(
         &self,
@@ -436,30 +587,268 @@ impl<S: Store> Store for Arc<S> {
         token: Token,
         lease: Duration,
     ) -> impl Future<Output = Result<WriteOutcome, StoreError>> + Send {
-        (**self).extend(key, token, lease)
+        self.around(
+            StoreOp::Extend { key, token },
+            self.inner().extend(key, token, lease),
+        )
     }
-    fn fail(
+    // `async fn`: the operation borrows `key` and `reason` for one lifetime, which the future
+    // returned must not tie together.
+    async fn fail(
         &self,
         key: &Key,
         token: Token,
         reason: &str,
         retention: Duration,
-    ) -> impl Future<Output = Result<WriteOutcome, StoreError>> + Send {
-        (**self).fail(key, token, reason, retention)
+    ) -> Result<WriteOutcome, StoreError> {
+        self.around(
+            StoreOp::Fail { key, token, reason },
+            self.inner().fail(key, token, reason, retention),
+        )
+        .await
     }
     fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send {
-        (**self).get(key)
+        self.around(StoreOp::Get(key), self.inner().get(key))
     }
     fn evict(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        (**self).evict(key)
+        self.around(StoreOp::Evict(key), self.inner().evict(key))
     }
     fn purge_expired(
         &self,
         limit: usize,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send {
-        (**self).purge_expired(limit)
+        self.around(
+            StoreOp::PurgeExpired { limit },
+            self.inner().purge_expired(limit),
+        )
     }
     fn max_result_bytes(&self) -> usize {
-        (**self).max_result_bytes()
+        self.inner().max_result_bytes()
+    }
+}
+
+/// A shared store is the store: every call, batches included, goes to `S` unchanged.
+impl<S: Store> StoreLayer for Arc<S> {
+    type Inner = S;
+
+    fn inner(&self) -> &S {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::any::AnyStore;
+    use crate::key::Namespace;
+    use crate::memory::MemoryStore;
+
+    /// A store that records which of its methods were called, batch forms included.
+    #[derive(Default)]
+    struct Recorder {
+        inner: MemoryStore,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl Recorder {
+        fn log(&self, name: &'static str) {
+            self.calls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(name);
+        }
+        fn calls(&self) -> Vec<&'static str> {
+            std::mem::take(&mut *self.calls.lock().unwrap_or_else(|e| e.into_inner()))
+        }
+    }
+
+    impl Store for Recorder {
+        async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+            self.log("claim");
+            self.inner.claim(req).await
+        }
+        async fn claim_many(&self, reqs: &[ClaimRequest]) -> Result<Vec<Claim>, StoreError> {
+            self.log("claim_many");
+            self.inner.claim_many(reqs).await
+        }
+        async fn complete(&self, c: &Completion) -> Result<WriteOutcome, StoreError> {
+            self.log("complete");
+            self.inner.complete(c).await
+        }
+        async fn complete_many(&self, cs: &[Completion]) -> Result<Vec<WriteOutcome>, StoreError> {
+            self.log("complete_many");
+            self.inner.complete_many(cs).await
+        }
+        async fn release(
+            &self,
+            key: &Key,
+            token: Token,
+            retention: Duration,
+        ) -> Result<WriteOutcome, StoreError> {
+            self.inner.release(key, token, retention).await
+        }
+        async fn extend(
+            &self,
+            key: &Key,
+            token: Token,
+            lease: Duration,
+        ) -> Result<WriteOutcome, StoreError> {
+            self.inner.extend(key, token, lease).await
+        }
+        async fn fail(
+            &self,
+            key: &Key,
+            token: Token,
+            reason: &str,
+            retention: Duration,
+        ) -> Result<WriteOutcome, StoreError> {
+            self.inner.fail(key, token, reason, retention).await
+        }
+        async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn evict(&self, key: &Key) -> Result<bool, StoreError> {
+            self.inner.evict(key).await
+        }
+        async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
+            self.inner.purge_expired(limit).await
+        }
+    }
+
+    /// A layer that changes nothing but counts what passes through it.
+    struct Counting<S> {
+        inner: S,
+        seen: Mutex<Vec<(&'static str, usize)>>,
+    }
+
+    impl<S: Store> StoreLayer for Counting<S> {
+        type Inner = S;
+        fn inner(&self) -> &S {
+            &self.inner
+        }
+        fn around<T: Send>(
+            &self,
+            op: StoreOp<'_>,
+            call: impl Future<Output = Result<T, StoreError>> + Send,
+        ) -> impl Future<Output = Result<T, StoreError>> + Send {
+            self.seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((op.name(), op.keys().count()));
+            call
+        }
+    }
+
+    /// A layer that fails every batch before it reaches the store.
+    struct NoBatches<S>(S);
+
+    impl<S: Store> StoreLayer for NoBatches<S> {
+        type Inner = S;
+        fn inner(&self) -> &S {
+            &self.0
+        }
+        async fn around<T: Send>(
+            &self,
+            op: StoreOp<'_>,
+            call: impl Future<Output = Result<T, StoreError>> + Send,
+        ) -> Result<T, StoreError> {
+            if op.is_batch() {
+                return Err(StoreError::unavailable(format!("no {}", op.name())));
+            }
+            call.await
+        }
+    }
+
+    async fn batch_round<S: Store>(store: &S, round: u32) {
+        let ns = Namespace::new("layer").unwrap_or_else(|e| panic!("{e}"));
+        let reqs: Vec<ClaimRequest> = (0..3)
+            .map(|i| {
+                let key = ns
+                    .key(format!("k{round}-{i}"))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                ClaimRequest::new(key, Fingerprint::of(b"p"))
+            })
+            .collect();
+        let claims = store
+            .claim_many(&reqs)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let completions: Vec<Completion> = reqs
+            .iter()
+            .zip(claims)
+            .map(|(r, c)| match c {
+                Claim::Acquired(lease) => {
+                    Completion::new(r.key.clone(), lease.token, Bytes::from_static(b"ok"))
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let outcomes = store
+            .complete_many(&completions)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(outcomes.iter().all(|o| o.is_applied()));
+    }
+
+    #[tokio::test]
+    async fn wrappers_forward_batches_as_batches() {
+        let recorder = Arc::new(Recorder::default());
+
+        // Arc<S>: a layer that changes nothing.
+        batch_round(&recorder, 0).await;
+        assert_eq!(recorder.calls(), ["claim_many", "complete_many"]);
+
+        // A layer that only watches: one call per batch reaches it and the store.
+        let counting = Counting {
+            inner: Arc::clone(&recorder),
+            seen: Mutex::new(Vec::new()),
+        };
+        batch_round(&counting, 1).await;
+        assert_eq!(recorder.calls(), ["claim_many", "complete_many"]);
+        assert_eq!(
+            *counting.seen.lock().unwrap_or_else(|e| e.into_inner()),
+            [("claim_many", 3), ("complete_many", 3)]
+        );
+
+        // AnyStore over a layer over the store.
+        let any = AnyStore::new(Counting {
+            inner: Arc::clone(&recorder),
+            seen: Mutex::new(Vec::new()),
+        });
+        batch_round(&any, 2).await;
+        assert_eq!(recorder.calls(), ["claim_many", "complete_many"]);
+
+        // Single forms stay single.
+        let ns = Namespace::new("layer").unwrap_or_else(|e| panic!("{e}"));
+        let req = ClaimRequest::new(
+            ns.key("single").unwrap_or_else(|e| panic!("{e}")),
+            Fingerprint::of(b"p"),
+        );
+        assert!(matches!(any.claim(&req).await, Ok(Claim::Acquired(_))));
+        assert_eq!(recorder.calls(), ["claim"]);
+    }
+
+    #[tokio::test]
+    async fn a_layer_sees_the_batch_whole() {
+        let recorder = Arc::new(Recorder::default());
+        let store = NoBatches(Arc::clone(&recorder));
+        let ns = Namespace::new("layer").unwrap_or_else(|e| panic!("{e}"));
+        let reqs = [ClaimRequest::new(
+            ns.key("a").unwrap_or_else(|e| panic!("{e}")),
+            Fingerprint::of(b"p"),
+        )];
+        let e = store
+            .claim_many(&reqs)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("the batch reached the store"));
+        assert_eq!(e.message(), "no claim_many");
+        // Failed before the call: the store never saw it (the future was never polled).
+        assert!(recorder.calls().is_empty());
+        assert!(store.claim(&reqs[0]).await.is_ok());
+        assert_eq!(recorder.calls(), ["claim"]);
+        assert_eq!(store.max_result_bytes(), DEFAULT_MAX_RESULT_BYTES);
     }
 }

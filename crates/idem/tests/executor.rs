@@ -1,4 +1,4 @@
-//! The executor against the contract's acceptance scenarios (section 8), on `MemoryStore`.
+//! The executor against the acceptance scenarios of docs/design.md (section 8), on `MemoryStore`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idem::{
-    Claim, ClaimRequest, Completion, Config, Disposition, Executor, Heartbeat, Key, ManualClock,
-    MemoryStore, Namespace, OnInProgress, Outcome, Record, State, Store, StoreError,
-    StoreErrorKind, Token, WriteOutcome,
+    Claim, Completion, Config, Disposition, Executor, Heartbeat, Key, ManualClock, MemoryStore,
+    Namespace, OnInProgress, Outcome, State, Store, StoreError, StoreErrorKind, StoreLayer,
+    StoreOp, WriteOutcome,
 };
 
 fn key(id: &str) -> Key {
@@ -385,42 +385,24 @@ fn down() -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, "connection refused (test)")
 }
 
-impl Store for Flaky {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        if take(&self.claim_failures) {
-            return Err(down());
-        }
-        self.inner.claim(req).await
+impl StoreLayer for Flaky {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
     }
-    async fn complete(&self, c: &Completion) -> Result<WriteOutcome, StoreError> {
-        if take(&self.complete_failures) {
-            return Err(down());
-        }
-        self.inner.complete(c).await
-    }
-    async fn release(&self, k: &Key, t: Token, r: Duration) -> Result<WriteOutcome, StoreError> {
-        self.inner.release(k, t, r).await
-    }
-    async fn extend(&self, k: &Key, t: Token, l: Duration) -> Result<WriteOutcome, StoreError> {
-        self.inner.extend(k, t, l).await
-    }
-    async fn fail(
+
+    fn around<T: Send>(
         &self,
-        k: &Key,
-        t: Token,
-        s: &str,
-        r: Duration,
-    ) -> Result<WriteOutcome, StoreError> {
-        self.inner.fail(k, t, s, r).await
-    }
-    async fn get(&self, k: &Key) -> Result<Option<Record>, StoreError> {
-        self.inner.get(k).await
-    }
-    async fn evict(&self, k: &Key) -> Result<bool, StoreError> {
-        self.inner.evict(k).await
-    }
-    async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        self.inner.purge_expired(limit).await
+        op: StoreOp<'_>,
+        call: impl Future<Output = Result<T, StoreError>> + Send,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send {
+        let fails = match op {
+            StoreOp::Claim(_) | StoreOp::ClaimMany(_) => take(&self.claim_failures),
+            StoreOp::Complete(_) | StoreOp::CompleteMany(_) => take(&self.complete_failures),
+            _ => false,
+        };
+        async move { if fails { Err(down()) } else { call.await } }
     }
 }
 

@@ -48,6 +48,10 @@
 //!   say), so a closed one is opened again (with confirms) on the consuming connection, and the
 //!   dead-letter exchange, queue and binding are declared again (with `declare`) when the
 //!   channel was closed or the broker returned the message unroutable.
+//! - **Content type**: a delivery's `content_type` property becomes the `content-type` header
+//!   of its [`Message`](crate::Message) (ahead of the headers table, so it wins over a header of
+//!   the same name), where handlers find it as for the other brokers; a dead letter carries it
+//!   back as its `content_type` property.
 //! - **Long handlers**: RabbitMQ closes the channel of a consumer that keeps a delivery unacked
 //!   longer than its `consumer_timeout` (30 minutes by default), which requeues everything the
 //!   channel held; raise it on the broker for handlers that run longer.
@@ -60,11 +64,16 @@
 //! RabbitMQ has no publish dedup, so a retry after a lost confirm is a duplicate the consumer
 //! replays.
 
+pub mod admin;
 mod producer;
 mod source;
 
 pub use self::producer::AmqpProducer;
 pub use self::source::{AmqpAcker, AmqpDelivery, AmqpSource};
+pub use crate::url::QueueType;
+
+/// The [`Message`](crate::Message) header that carries a delivery's `content_type` property.
+pub(crate) const CONTENT_TYPE_HEADER: &str = "content-type";
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection};
@@ -75,26 +84,6 @@ use lapin::{Channel, Connection};
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 1_000_000;
 
 use crate::error::{BrokerError, BrokerErrorKind};
-
-/// The kind of queue to declare.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum QueueType {
-    /// A quorum queue (the default): replicated, with delivery counts.
-    #[default]
-    Quorum,
-    /// A classic durable queue.
-    Classic,
-}
-
-impl QueueType {
-    fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        }
-    }
-}
 
 /// What [`AmqpSource`] consumes and declares.
 #[derive(Clone, Debug)]
@@ -214,7 +203,7 @@ async fn declare_dead_letter(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| amqp_error("declaring the dead-letter exchange", e))?;
+        .map_err(|e| declare_error("the dead-letter exchange", &config.dead_letter_exchange, e))?;
     let channel = declare_queue(
         connection,
         channel,
@@ -259,7 +248,7 @@ async fn declare_queue(
         Err(e) => e,
     };
     if !is_delivery_limit_mismatch(&e) || !args.inner().contains_key(DELIVERY_LIMIT) {
-        return Err(amqp_error(&format!("declaring {what}"), e));
+        return Err(declare_error(what, name, e));
     }
     tracing::warn!(
         queue = name,
@@ -297,10 +286,10 @@ async fn declare_queue(
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|e| amqp_error(&format!("declaring {what}"), e))?;
+                .map_err(|e| declare_error(what, name, e))?;
             Ok(channel)
         }
-        Err(e) => Err(amqp_error(&format!("declaring {what}"), e)),
+        Err(e) => Err(declare_error(what, name, e)),
     }
 }
 
@@ -311,11 +300,97 @@ fn is_delivery_limit_mismatch(e: &lapin::Error) -> bool {
 
 fn short(s: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(s).map_err(|_| {
-        BrokerError::config(format!(
-            "{} bytes is over AMQP's 255-byte limit for names and ids",
-            s.len()
-        ))
+        BrokerError::new(
+            BrokerErrorKind::Config,
+            format!(
+                "{} bytes is over AMQP's 255-byte limit for names and ids",
+                s.len()
+            ),
+        )
     })
+}
+
+/// Maps a failed connection attempt to `url`, naming the problem: a host that cannot be
+/// resolved or reached, a server that does not speak AMQP, a refused login, an unknown vhost.
+/// The kind is [`amqp_error`]'s; the message starts with `connecting to <url>` (redacted).
+fn connect_error(url: &str, e: lapin::Error) -> BrokerError {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let context = format!("connecting to {}", crate::error::redact(url));
+    let uri: Option<lapin::uri::AMQPUri> = url.parse().ok();
+    let (host, user, vhost) = match &uri {
+        Some(u) => (
+            format!("{}:{}", u.authority.host, u.authority.port),
+            u.authority.userinfo.username.clone(),
+            if u.vhost.is_empty() {
+                "/".to_owned()
+            } else {
+                u.vhost.clone()
+            },
+        ),
+        None => ("the server".to_owned(), String::new(), String::new()),
+    };
+    let problem = match e.kind() {
+        lapin::ErrorKind::ProtocolError(err) => {
+            let said = err.get_message().as_str();
+            match err.kind() {
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Some(format!(
+                    "authentication failed for user {user:?} (RabbitMQ: {said})"
+                )),
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) if said.contains("not found") => {
+                    Some(format!("unknown vhost {vhost:?} (RabbitMQ: {said})"))
+                }
+                AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Some(format!(
+                    "user {user:?} may not use vhost {vhost:?} (RabbitMQ: {said})"
+                )),
+                _ => None,
+            }
+        }
+        lapin::ErrorKind::IOError(io) => {
+            let text = io.to_string();
+            Some(if text.contains("failed to lookup address") {
+                let name = uri.as_ref().map_or("", |u| u.authority.host.as_str());
+                format!("cannot resolve host {name:?}: {text}")
+            } else {
+                format!("cannot connect to {host}: {text}")
+            })
+        }
+        // What lapin reports when the peer closes the connection before or during the
+        // handshake, or answers something that is not AMQP.
+        lapin::ErrorKind::ParsingError(_) | lapin::ErrorKind::InvalidProtocolVersion(_) => {
+            Some(format!(
+                "cannot connect to {host}: the server closed the connection or does not speak \
+                 AMQP 0-9-1 (is it RabbitMQ's AMQP port, reachable from here?)"
+            ))
+        }
+        _ => None,
+    };
+    let mapped = amqp_error(&context, e.clone());
+    match problem {
+        Some(problem) => {
+            BrokerError::new(mapped.kind(), format!("{context}: {problem}")).with_source(e)
+        }
+        None => mapped,
+    }
+}
+
+/// Maps a refused declaration of `what` (`the queue`, …) named `name`: a queue or exchange that
+/// exists with other arguments (type, dead-letter exchange) is named as such.
+fn declare_error(what: &str, name: &str, e: lapin::Error) -> BrokerError {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    if let lapin::ErrorKind::ProtocolError(err) = e.kind()
+        && matches!(
+            err.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+        )
+    {
+        let message = format!(
+            "declaring {what}: {what} {name:?} exists, declared with other arguments \
+             (RabbitMQ: {}); declare it as it exists, or use it without declaring",
+            err.get_message()
+        );
+        return BrokerError::new(BrokerErrorKind::Config, message).with_source(e);
+    }
+    amqp_error(&format!("declaring {what}"), e)
 }
 
 /// Maps a lapin error: protocol-level refusals (unknown queue, argument mismatch, access) are

@@ -6,7 +6,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-use super::{amqp_error, short};
+use super::{amqp_error, connect_error, short};
 use crate::error::{BrokerError, BrokerErrorKind, redact};
 use crate::producer::{Outgoing, RetryPolicy};
 
@@ -60,7 +60,7 @@ impl AmqpProducer {
     async fn open(&self) -> Result<(Connection, Channel), BrokerError> {
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
-            .map_err(|e| amqp_error(&format!("connecting to {}", redact(&self.url)), e))?;
+            .map_err(|e| connect_error(&self.url, e))?;
         let channel = connection
             .create_channel()
             .await

@@ -15,7 +15,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-use super::{AmqpConfig, amqp_error, declare, declare_dead_letter, short};
+use super::{
+    AmqpConfig, CONTENT_TYPE_HEADER, amqp_error, connect_error, declare, declare_dead_letter, short,
+};
 use crate::error::{BrokerError, BrokerErrorKind, redact};
 use crate::message::{Message, header};
 use crate::source::{Acker, Incoming, Source};
@@ -162,7 +164,7 @@ impl AmqpSource {
         }
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
-            .map_err(|e| amqp_error(&format!("connecting to {}", redact(&self.url)), e))?;
+            .map_err(|e| connect_error(&self.url, e))?;
         let connection = Arc::new(connection);
         let mut channel = connection
             .create_channel()
@@ -213,6 +215,12 @@ impl AmqpSource {
         if let Some(id) = props.message_id() {
             message = message.with_message_id(id.as_str());
         }
+        if let Some(content_type) = props.content_type() {
+            message = message.with_header(
+                CONTENT_TYPE_HEADER,
+                Bytes::copy_from_slice(content_type.as_str().as_bytes()),
+            );
+        }
         if let Some(headers) = props.headers() {
             for (name, value) in headers {
                 if name.as_str() == "x-delivery-count" {
@@ -248,7 +256,7 @@ impl AmqpSource {
     }
 }
 
-fn as_u32(v: &AMQPValue) -> Option<u32> {
+pub(super) fn as_u32(v: &AMQPValue) -> Option<u32> {
     let n: i128 = match v {
         AMQPValue::ShortShortInt(n) => (*n).into(),
         AMQPValue::ShortShortUInt(n) => (*n).into(),
@@ -262,7 +270,7 @@ fn as_u32(v: &AMQPValue) -> Option<u32> {
     u32::try_from(n).ok()
 }
 
-fn as_bytes(v: &AMQPValue) -> Option<Bytes> {
+pub(super) fn as_bytes(v: &AMQPValue) -> Option<Bytes> {
     Some(match v {
         AMQPValue::LongString(s) => Bytes::copy_from_slice(s.as_bytes()),
         AMQPValue::ShortString(s) => Bytes::copy_from_slice(s.as_str().as_bytes()),
@@ -287,7 +295,10 @@ impl Source for AmqpSource {
             self.reconnect().await?;
         }
         let Some(live) = self.live.as_mut() else {
-            return Err(BrokerError::connection("not connected"));
+            return Err(BrokerError::new(
+                BrokerErrorKind::Connection,
+                "not connected",
+            ));
         };
         let first = match live.consumer.next().await {
             Some(Ok(d)) => d,
@@ -297,7 +308,10 @@ impl Source for AmqpSource {
             }
             None => {
                 self.live = None;
-                return Err(BrokerError::connection("the broker cancelled the consumer"));
+                return Err(BrokerError::new(
+                    BrokerErrorKind::Connection,
+                    "the broker cancelled the consumer",
+                ));
             }
         };
         let mut raw = vec![first];
@@ -463,7 +477,7 @@ impl Acker for AmqpAcker {
 }
 
 /// Opens a channel in confirm mode.
-async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+pub(super) async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     let channel = connection
         .create_channel()
         .await
@@ -481,16 +495,17 @@ impl AmqpAcker {
     /// topology declared again then (with `declare`) or after an unroutable return.
     async fn dead_letter_channel(&self) -> Result<Channel, BrokerError> {
         let mut guard = self.publisher.lock().await;
-        let dl = guard
-            .as_mut()
-            .ok_or_else(|| BrokerError::connection("no dead-letter channel"))?;
+        let dl = guard.as_mut().ok_or_else(|| {
+            BrokerError::new(BrokerErrorKind::Connection, "no dead-letter channel")
+        })?;
         let closed = !dl.channel.status().connected();
         if !closed && !dl.redeclare {
             return Ok(dl.channel.clone());
         }
         if !dl.connection.status().connected() {
             // The source reconnects, and brings a new channel.
-            return Err(BrokerError::connection(
+            return Err(BrokerError::new(
+                BrokerErrorKind::Connection,
                 "the connection is lost; no dead-letter channel until the source reconnects",
             ));
         }
@@ -543,6 +558,13 @@ impl AmqpAcker {
             .with_headers(headers);
         if let Some(id) = message.message_id().and_then(|id| short(id).ok()) {
             props = props.with_message_id(id);
+        }
+        if let Some(content_type) = message
+            .header(CONTENT_TYPE_HEADER)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| short(v).ok())
+        {
+            props = props.with_content_type(content_type);
         }
         let channel = self.dead_letter_channel().await?;
         let confirm = channel

@@ -49,6 +49,7 @@
 //! So idem treats MQTT as at-least-once at QoS 1 (cheaper than QoS 2's four packets) and
 //! deduplicates by the message id in the store.
 
+pub mod admin;
 mod producer;
 mod publisher;
 mod source;
@@ -58,7 +59,7 @@ use std::time::Duration;
 pub use self::producer::MqttProducer;
 pub use self::source::{MqttAcker, MqttDelivery, MqttSource};
 
-use crate::error::BrokerError;
+use crate::error::{BrokerError, BrokerErrorKind};
 
 /// The user property carrying the reason of a dead letter.
 pub const REASON_PROPERTY: &str = crate::message::header::DEAD_LETTER_REASON;
@@ -109,17 +110,23 @@ fn options(
     keep_alive: Duration,
 ) -> Result<rumqttc::v5::MqttOptions, BrokerError> {
     let parsed = url::Url::parse(url).map_err(|e| {
-        BrokerError::config(format!("bad MQTT URL {}: {e}", crate::error::redact(url)))
+        BrokerError::new(
+            BrokerErrorKind::Config,
+            format!("bad MQTT URL {}: {e}", crate::error::redact(url)),
+        )
     })?;
     if !matches!(parsed.scheme(), "mqtt" | "tcp") {
-        return Err(BrokerError::config(format!(
-            "unsupported MQTT URL scheme {:?} (mqtt:// or tcp://)",
-            parsed.scheme()
-        )));
+        return Err(BrokerError::new(
+            BrokerErrorKind::Config,
+            format!(
+                "unsupported MQTT URL scheme {:?} (mqtt:// or tcp://)",
+                parsed.scheme()
+            ),
+        ));
     }
     let host = parsed
         .host_str()
-        .ok_or_else(|| BrokerError::config("MQTT URL without a host"))?;
+        .ok_or_else(|| BrokerError::new(BrokerErrorKind::Config, "MQTT URL without a host"))?;
     let mut options = rumqttc::v5::MqttOptions::new(client_id, host, parsed.port().unwrap_or(1883));
     options.set_keep_alive(keep_alive);
     if !parsed.username().is_empty() {

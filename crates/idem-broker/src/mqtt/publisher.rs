@@ -62,10 +62,10 @@ pub(super) async fn connected(events: &mut EventLoop, url: &str) -> Result<bool,
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => return Ok(ack.session_present),
                 Ok(_) => {}
                 Err(e) => {
-                    return Err(BrokerError::connection(format!(
-                        "connecting to {}: {e}",
-                        redact(url)
-                    ))
+                    return Err(BrokerError::new(
+                        BrokerErrorKind::Connection,
+                        format!("connecting to {}: {e}", redact(url)),
+                    )
                     .with_source(e));
                 }
             }
@@ -129,9 +129,10 @@ impl ConfirmedPublisher {
                             st.reply.take()
                         };
                         if let Some(reply) = reply {
-                            let _ = reply.send(Err(BrokerError::connection(format!(
-                                "connection lost before the PUBACK: {e}"
-                            ))));
+                            let _ = reply.send(Err(BrokerError::new(
+                                BrokerErrorKind::Connection,
+                                format!("connection lost before the PUBACK: {e}"),
+                            )));
                         }
                         failures += 1;
                         tokio::time::sleep(backoff.delay(failures)).await;
@@ -163,10 +164,16 @@ impl ConfirmedPublisher {
         self.client
             .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, properties)
             .await
-            .map_err(|e| BrokerError::connection(format!("publishing: {e}")).with_source(e))?;
+            .map_err(|e| {
+                BrokerError::new(BrokerErrorKind::Connection, format!("publishing: {e}"))
+                    .with_source(e)
+            })?;
         match tokio::time::timeout(CONFIRM_TIMEOUT, confirmed).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(BrokerError::connection("the publisher stopped")),
+            Ok(Err(_)) => Err(BrokerError::new(
+                BrokerErrorKind::Connection,
+                "the publisher stopped",
+            )),
             Err(_) => {
                 *self.waiting.lock() = Waiting::default();
                 Err(BrokerError::new(

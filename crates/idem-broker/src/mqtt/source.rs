@@ -104,13 +104,18 @@ async fn declare_session(url: &str, client_id: &str, topic: &str) -> Result<(), 
     client
         .subscribe(topic, QoS::AtLeastOnce)
         .await
-        .map_err(|e| BrokerError::connection(format!("subscribing: {e}")))?;
+        .map_err(|e| BrokerError::new(BrokerErrorKind::Connection, format!("subscribing: {e}")))?;
     let wait = async {
         loop {
             match events.poll().await {
                 Ok(Event::Incoming(Packet::SubAck(_))) => break,
                 Ok(_) => {}
-                Err(e) => return Err(BrokerError::connection(format!("subscribing: {e}"))),
+                Err(e) => {
+                    return Err(BrokerError::new(
+                        BrokerErrorKind::Connection,
+                        format!("subscribing: {e}"),
+                    ));
+                }
             }
         }
         let _ = client.disconnect().await;
@@ -176,14 +181,21 @@ impl MqttSource {
                 .client
                 .subscribe(&config.topic, QoS::AtLeastOnce)
                 .await
-                .map_err(|e| BrokerError::connection(format!("subscribing: {e}")))?;
+                .map_err(|e| {
+                    BrokerError::new(BrokerErrorKind::Connection, format!("subscribing: {e}"))
+                })?;
         }
         let wait_suback = async {
             loop {
                 match events.poll().await {
                     Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
                     Ok(ev) => shared.on_event(ev),
-                    Err(e) => return Err(BrokerError::connection(format!("subscribing: {e}"))),
+                    Err(e) => {
+                        return Err(BrokerError::new(
+                            BrokerErrorKind::Connection,
+                            format!("subscribing: {e}"),
+                        ));
+                    }
                 }
             }
         };
@@ -313,10 +325,9 @@ impl Shared {
             }
             inflight.remove(&d.publish.pkid);
         }
-        self.client
-            .ack(&d.publish)
-            .await
-            .map_err(|e| BrokerError::connection(format!("acking: {e}")).with_source(e))
+        self.client.ack(&d.publish).await.map_err(|e| {
+            BrokerError::new(BrokerErrorKind::Connection, format!("acking: {e}")).with_source(e)
+        })
     }
 }
 
@@ -332,7 +343,10 @@ impl Source for MqttSource {
 
     async fn receive(&mut self, max: usize) -> Result<Vec<Incoming<MqttDelivery>>, BrokerError> {
         let Some(first) = self.rx.recv().await else {
-            return Err(BrokerError::connection("the MQTT event loop stopped"));
+            return Err(BrokerError::new(
+                BrokerErrorKind::Connection,
+                "the MQTT event loop stopped",
+            ));
         };
         let mut out = vec![first];
         while out.len() < max {

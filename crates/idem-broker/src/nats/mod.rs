@@ -17,9 +17,10 @@
 //!   the redelivery).
 //! - **Dead letters** are published through JetStream to a subject (default
 //!   `idem.dead-letter.<stream>`) captured by a stream (default `<stream>_DLQ`, declared), with
-//!   the `idem-dead-letter-reason` header and a `Nats-Msg-Id` derived from the original, so a
-//!   retried dead-letter publish is deduplicated too; the original is acked only after the
-//!   `PubAck`.
+//!   the `idem-dead-letter-reason` header, the subject it was published on in
+//!   `idem-dead-letter-subject` (where [`admin::NatsAdmin`] republishes it), and a
+//!   `Nats-Msg-Id` derived from the original, so a retried dead-letter publish is deduplicated
+//!   too; the original is acked only after the `PubAck`.
 //! - **Delivery counts** come from the message's metadata (`delivered`).
 //! - **Reconnects** are the client's: it reconnects with backoff on its own; the pull stream is
 //!   recreated after an error. Unacked deliveries are redelivered by the server after the ack
@@ -32,6 +33,7 @@
 //! The ack wait must exceed the time a batch takes between progress reports, and the store's
 //! retention (default 7 days) must exceed `ack_wait x max_deliver` and any replay horizon.
 
+pub mod admin;
 mod producer;
 mod source;
 

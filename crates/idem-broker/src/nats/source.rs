@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
 
 use super::{NatsConfig, nats_boxed, nats_error};
-use crate::error::{BrokerError, redact};
+use crate::error::{BrokerError, BrokerErrorKind, redact};
 use crate::message::{Message, header};
 use crate::source::{Acker, Incoming, Source};
 
@@ -41,11 +41,12 @@ impl std::fmt::Debug for NatsSource {
     }
 }
 
-/// One JetStream delivery: its ack handle, reply subject and stream sequence.
+/// One JetStream delivery: its ack handle, reply subject, stream sequence and subject.
 pub struct NatsDelivery {
     acker: JsAcker,
     reply: Option<async_nats::Subject>,
     sequence: u64,
+    subject: async_nats::Subject,
 }
 
 impl std::fmt::Debug for NatsDelivery {
@@ -125,7 +126,11 @@ impl NatsSource {
                 .map_err(|e| config_error("declaring the consumer", e))?
         } else {
             stream.get_consumer(&config.consumer).await.map_err(|e| {
-                BrokerError::config(format!("finding the consumer: {e}")).with_source(e)
+                BrokerError::new(
+                    BrokerErrorKind::Config,
+                    format!("finding the consumer: {e}"),
+                )
+                .with_source(e)
             })?
         };
         tracing::info!(stream = %config.stream, consumer = %config.consumer, url = %redact(url), "consuming");
@@ -149,6 +154,7 @@ impl NatsSource {
             })
             .unwrap_or((1, 0));
         let reply = m.reply.clone();
+        let subject = m.subject.clone();
         let (msg, acker) = m.split();
         let mut message = Message::new(Arc::clone(&self.origin), msg.payload);
         if let Some(headers) = &msg.headers {
@@ -167,6 +173,7 @@ impl NatsSource {
                 acker,
                 reply,
                 sequence,
+                subject,
             },
         )
     }
@@ -179,7 +186,7 @@ where
 {
     let mut err = nats_error(what, e);
     if err.kind() == crate::BrokerErrorKind::Connection {
-        err = BrokerError::config(err.message().to_owned()).with_source(err);
+        err = BrokerError::new(BrokerErrorKind::Config, err.message().to_owned()).with_source(err);
     }
     err
 }
@@ -210,7 +217,10 @@ impl Source for NatsSource {
             self.messages = Some(stream);
         }
         let Some(messages) = self.messages.as_mut() else {
-            return Err(BrokerError::connection("no pull stream"));
+            return Err(BrokerError::new(
+                BrokerErrorKind::Connection,
+                "no pull stream",
+            ));
         };
         let first = match messages.next().await {
             Some(Ok(m)) => m,
@@ -220,7 +230,10 @@ impl Source for NatsSource {
             }
             None => {
                 self.messages = None;
-                return Err(BrokerError::connection("the pull stream ended"));
+                return Err(BrokerError::new(
+                    BrokerErrorKind::Connection,
+                    "the pull stream ended",
+                ));
             }
         };
         let mut raw = vec![first];
@@ -283,7 +296,8 @@ impl Acker for NatsAcker {
         let mut publish = Publish::build()
             .payload(message.payload().clone())
             .header(header::DEAD_LETTER_REASON, reason)
-            .header(header::DEAD_LETTER_ORIGIN, message.origin());
+            .header(header::DEAD_LETTER_ORIGIN, message.origin())
+            .header(header::DEAD_LETTER_SUBJECT, delivery.subject.as_str());
         for (name, value) in message.headers() {
             if name.eq_ignore_ascii_case("Nats-Msg-Id") {
                 continue;

@@ -33,6 +33,7 @@
 //! one. Redis has no publish dedup, so [`RedisStreamProducer`] retries with the same
 //! `message-id` and the consumer's store recognises the copy.
 
+pub mod admin;
 mod producer;
 mod source;
 

@@ -11,7 +11,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, St
 use tokio::time::Instant;
 
 use super::{ORIGINAL_ID_FIELD, PAYLOAD_FIELD, RedisStreamConfig, is_no_group, redis_error};
-use crate::error::{BrokerError, redact};
+use crate::error::{BrokerError, BrokerErrorKind, redact};
 use crate::message::{Message, header};
 use crate::source::{Acker, Incoming, Source};
 
@@ -68,8 +68,12 @@ pub(super) async fn manager(
     url: &str,
     response_timeout: Duration,
 ) -> Result<ConnectionManager, BrokerError> {
-    let client = redis::Client::open(url)
-        .map_err(|e| BrokerError::config(format!("bad Redis URL {}: {e}", redact(url))))?;
+    let client = redis::Client::open(url).map_err(|e| {
+        BrokerError::new(
+            BrokerErrorKind::Config,
+            format!("bad Redis URL {}: {e}", redact(url)),
+        )
+    })?;
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
         .set_connection_timeout(Some(Duration::from_secs(5)));
@@ -147,13 +151,16 @@ impl RedisStreamSource {
             .await
             .map_err(|e| redis_error("checking the stream after NOGROUP", e))?;
         if exists {
-            return Err(BrokerError::config(format!(
-                "the consumer group {:?} of stream {:?} was destroyed while the stream was kept \
+            return Err(BrokerError::new(
+                BrokerErrorKind::Config,
+                format!(
+                    "the consumer group {:?} of stream {:?} was destroyed while the stream was kept \
                  ({cause}); re-creating it would read every entry again, so this consumer \
                  stops: create the group at the right id (XGROUP CREATE … <id>) and start it \
                  again",
-                self.config.group, self.config.stream
-            )));
+                    self.config.group, self.config.stream
+                ),
+            ));
         }
         tracing::warn!(
             stream = %self.config.stream,

@@ -37,8 +37,12 @@ pub(super) async fn baseline(ids: &Arc<Vec<String>>, profile: Profile, args: &Ar
     let start = Instant::now();
     match profile {
         Profile::Sequential => {
-            for id in ids.iter() {
-                process(&shards, id);
+            // Progress is counted per chunk: per message it would cost as much as the map.
+            for chunk in ids.chunks(1024) {
+                for id in chunk {
+                    process(&shards, id);
+                }
+                super::advance(chunk.len());
             }
         }
         Profile::Concurrent => {
@@ -53,9 +57,11 @@ pub(super) async fn baseline(ids: &Arc<Vec<String>>, profile: Profile, args: &Ar
                         if start >= ids.len() {
                             return;
                         }
-                        for id in &ids[start..(start + batch).min(ids.len())] {
+                        let group = &ids[start..(start + batch).min(ids.len())];
+                        for id in group {
                             process(&shards, id);
                         }
+                        super::advance(group.len());
                         tokio::task::yield_now().await;
                     }
                 }));

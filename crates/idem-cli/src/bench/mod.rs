@@ -20,12 +20,17 @@
 //! MySQL, plain statements through `mysql_async` on the same server (see `bench/mysql.rs`).
 //! Redis, the naive `SET NX` claim + `SET` completion loop on the store's own connection
 //! (pipelined in batches in `concurrent`). Redis runs delete what they wrote afterwards.
+//!
+//! When stderr is not a terminal (CI), a line every `--heartbeat` (10 s) says which store and
+//! profile run and how many messages they measured so far, so that logs never stay silent for
+//! the minutes a run can take.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -33,7 +38,8 @@ use idem::{Executor, Fingerprint, Namespace, Outcome, Store};
 use idem_sqlite::Synchronous;
 use serde::Serialize;
 
-use crate::store_url::{OpenOptions, Opened, StoreUrl};
+use crate::duration;
+use crate::store_url::{Location, OpenOptions, Opened, StoreUrl};
 
 mod memory;
 mod mysql;
@@ -73,6 +79,19 @@ pub(crate) struct Args {
     /// `transactional-caller` for PostgreSQL.
     #[arg(long, value_enum, default_value_t = Mode::Store)]
     mode: Mode,
+    /// Redis: the prefix of idem's keys [default: idem:]. SQL servers are measured in tables
+    /// of the run's own, so they take no --schema or --table.
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// How often a progress line goes to stderr when stderr is not a terminal (CI logs): the
+    /// store and profile running, and the messages measured so far.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = crate::consume::parse_duration
+    )]
+    heartbeat: Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +172,52 @@ impl Row {
 pub(crate) const PAYLOAD: &[u8] =
     b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
+/// What is being measured, for the heartbeat: every pass (baselines, idem's new and duplicate
+/// passes) adds the messages it went through with [`advance`], a batch or a message at a time
+/// (never inside a tighter loop, so counting costs nothing next to what is measured).
+struct Progress {
+    running: Mutex<Option<(String, Instant)>>,
+    done: AtomicU64,
+}
+
+static PROGRESS: Progress = Progress {
+    running: Mutex::new(None),
+    done: AtomicU64::new(0),
+};
+
+/// `n` more messages went through a pass of the run being measured.
+pub(crate) fn advance(n: usize) {
+    PROGRESS.done.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// A new store and profile start: `what` names them.
+fn begin(what: String) {
+    PROGRESS.done.store(0, Ordering::Relaxed);
+    *PROGRESS.running.lock().unwrap_or_else(|e| e.into_inner()) = Some((what, Instant::now()));
+}
+
+/// Prints a progress line on stderr every `every`.
+async fn heartbeat(every: Duration, messages: usize) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let running = PROGRESS
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((what, since)) = running {
+            eprintln!(
+                "idem bench: {what}: running for {}, {} messages measured so far (baseline, new \
+                 and duplicate passes of {messages} each)",
+                duration::approx(since.elapsed()),
+                PROGRESS.done.load(Ordering::Relaxed),
+            );
+        }
+    }
+}
+
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     ensure!(args.messages > 0, "--messages must be at least 1");
     ensure!(
@@ -168,19 +233,45 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.stores.clone()
     };
+    anyhow::ensure!(
+        args.prefix.is_none() || stores.iter().any(|s| matches!(s, StoreUrl::Redis(_))),
+        "--prefix is for redis:// stores, and none is measured"
+    );
     let profiles = match args.profile {
         ProfileArg::Sequential => vec![Profile::Sequential],
         ProfileArg::Concurrent => vec![Profile::Concurrent],
         ProfileArg::All => vec![Profile::Sequential, Profile::Concurrent],
     };
+    // CI logs: a line now and then, so that minutes of measuring are not taken for a hang.
+    let beat = (!std::io::stderr().is_terminal())
+        .then(|| tokio::spawn(heartbeat(args.heartbeat, args.messages)));
+    let rows = measure_all(&stores, &profiles, &args, tmp.path()).await;
+    if let Some(beat) = beat {
+        beat.abort();
+    }
+    if !args.json {
+        print_table(&rows?);
+    }
+    Ok(())
+}
+
+/// Measures every profile on every store, printing each row as it comes (`--json`: the row
+/// itself).
+async fn measure_all(
+    stores: &[StoreUrl],
+    profiles: &[Profile],
+    args: &Args,
+    tmp: &Path,
+) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for url in &stores {
-        for &profile in &profiles {
+    for url in stores {
+        for &profile in profiles {
+            begin(format!("{url} {} {}", args.mode.name(), profile.name()));
             let row = match url {
                 StoreUrl::Mysql(mysql_url) => {
-                    mysql::measure(mysql_url, url.to_string(), profile, args.mode, &args).await
+                    mysql::measure(mysql_url, url.to_string(), profile, args.mode, args).await
                 }
-                _ => measure(url, profile, &args, tmp.path()).await,
+                _ => measure(url, profile, args, tmp).await,
             }
             .with_context(|| format!("bench {} {}", url, profile.name()))?;
             if args.json {
@@ -194,10 +285,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             rows.push(row);
         }
     }
-    if !args.json {
-        print_table(&rows);
-    }
-    Ok(())
+    Ok(rows)
 }
 
 async fn measure(url: &StoreUrl, profile: Profile, args: &Args, tmp: &Path) -> anyhow::Result<Row> {
@@ -213,7 +301,14 @@ async fn measure(url: &StoreUrl, profile: Profile, args: &Args, tmp: &Path) -> a
         synchronous: args.synchronous,
         must_exist: false,
     };
-    let opened = url.open(opts).await?;
+    let location = match url {
+        StoreUrl::Redis(_) => Location {
+            prefix: args.prefix.clone(),
+            ..Location::default()
+        },
+        _ => Location::default(),
+    };
+    let opened = url.open_in(&location, opts).await?;
     let (run_id, ns, ids) = workload(profile, args)?;
 
     // The baseline runs first, on its own database, so it does not share the store's cache.
@@ -323,6 +418,7 @@ async fn sequential<S: Store>(
             })
             .await?;
         *counts.entry(outcome.kind()).or_default() += 1;
+        advance(1);
     }
     Ok(counts)
 }
@@ -364,6 +460,7 @@ async fn concurrent<S: Store + Clone>(
                         Ok::<(), Infallible>(())
                     })
                     .await?;
+                advance(outcomes.len());
                 for outcome in outcomes {
                     *counts.entry(outcome?.kind()).or_default() += 1;
                 }
@@ -399,7 +496,10 @@ fn print_table(rows: &[Row]) {
         );
     }
     println!(
-        "\nratio = idem new msg/s / baseline msg/s, same run. Baselines: plain SQL on a database with \
+        "\nnew msg/s = messages processed for the first time (claim, handler, completion). \
+         dup msg/s = the same messages delivered again: duplicates answered from the store \
+         (the stored outcome replayed, the handler not run).\n\
+         ratio = idem new msg/s / baseline msg/s, same run. Baselines: plain SQL on a database with \
          the same schema and settings (sqlite), a hand-written sharded HashMap (memory), SET NX + \
          SET on the same connection (redis), plain statements of the same rows on the same server \
          (postgres, mysql)."

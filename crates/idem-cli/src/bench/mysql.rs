@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use idem::{Config, Fingerprint, Key, Namespace, Outcome};
+use idem::{Config, Fingerprint, Key, Namespace, Outcome, Transactional};
 use idem_mysql::MysqlStore;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Params, Pool, Value};
@@ -268,6 +268,7 @@ async fn write_group(
             );
         }
     }
+    super::advance(n);
     Ok(())
 }
 
@@ -289,14 +290,16 @@ async fn drive_transactional(
             Profile::Sequential => {
                 let mut counts = Counts::new();
                 for id in ids.iter() {
-                    let ran = ran.clone();
+                    let (ran, key) = (ran.clone(), ns.key(id.as_str())?);
+                    let fingerprint = Fingerprint::of(PAYLOAD);
                     let outcome: Outcome<(), Infallible> = store
-                        .run_transactional(ns.key(id.as_str())?, PAYLOAD, Config::default(), |_| {
+                        .run_transactional(&key, fingerprint, &Config::default(), move |_| {
                             ran.fetch_add(1, Ordering::Relaxed);
                             Box::pin(async { Ok(()) })
                         })
                         .await?;
                     *counts.entry(outcome.kind()).or_default() += 1;
+                    super::advance(1);
                 }
                 counts
             }
@@ -355,6 +358,7 @@ async fn transactional_batches(
                         Box::pin(async { Ok(()) })
                     })
                     .await?;
+                super::advance(outcomes.len());
                 for outcome in outcomes {
                     *counts.entry(outcome.kind()).or_default() += 1;
                 }

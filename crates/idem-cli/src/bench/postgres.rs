@@ -102,7 +102,7 @@ const SLICES: usize = 4;
 /// every outcome is `expect` and returns how long it took.
 ///
 /// Transactional modes use one transaction per message (`sequential`) or per batch
-/// (`concurrent`): one that idem begins and commits (`PostgresStore::run_batch_transactional`),
+/// (`concurrent`): one that idem begins and commits (`Transactional::run_batch_transactional`),
 /// or one the bench begins and commits around `run_batch_in_transaction`
 /// (`transactional-caller`).
 async fn pass(
@@ -171,8 +171,10 @@ async fn transactional(
                     .map(|id| Ok((ns.key(id.as_str())?, fp)))
                     .collect::<anyhow::Result<Vec<(Key, Fingerprint)>>>()?;
                 let outcomes: Vec<Outcome<(), Infallible>> = if owned {
+                    use idem::Transactional as _;
+                    let ran = ran.clone();
                     store
-                        .run_batch_transactional(&items, &config, |_, _, _| {
+                        .run_batch_transactional(&items, &config, move |_, _| {
                             ran.fetch_add(1, Ordering::Relaxed);
                             Box::pin(async { Ok(()) })
                         })
@@ -186,7 +188,7 @@ async fn transactional(
                         &items,
                         &config,
                         idem::Store::max_result_bytes(&store),
-                        |_, _, _| {
+                        |_, _| {
                             ran.fetch_add(1, Ordering::Relaxed);
                             Box::pin(async { Ok(()) })
                         },
@@ -195,6 +197,7 @@ async fn transactional(
                     tx.commit().await?;
                     outcomes
                 };
+                super::advance(outcomes.len());
                 for outcome in outcomes {
                     *counts.entry(outcome.kind()).or_default() += 1;
                 }
@@ -271,6 +274,7 @@ async fn baseline(
                         bail!("baseline complete updated {n} of {} rows", group.len());
                     }
                 }
+                super::advance(group.len());
             }
         }));
     }

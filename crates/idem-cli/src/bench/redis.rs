@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use idem::{Executor, Namespace};
-use idem_redis::RedisStore;
-use idem_redis::redis::{self, Value, aio::ConnectionManager};
+use idem_redis::redis::{self, Value};
+use idem_redis::{RedisConnection, RedisStore};
 
 use super::{Args, Counts, Profile, concurrent, sequential};
 
@@ -167,6 +167,7 @@ async fn baseline(
                     .arg(RETENTION_MS)
                     .exec_async(&mut conn)
                     .await?;
+                super::advance(1);
             }
         }
         Profile::Concurrent => {
@@ -184,6 +185,7 @@ async fn baseline(
                         }
                         let group = &ids[start..(start + batch).min(ids.len())];
                         batch_round_trips(&mut conn, &prefix, group).await?;
+                        super::advance(group.len());
                     }
                 }));
             }
@@ -195,40 +197,54 @@ async fn baseline(
     Ok(start.elapsed())
 }
 
-/// One pipelined round trip of claims, then one of completions.
+/// One pipelined round trip of claims, then one of completions (on a Redis Cluster, whose
+/// pipelines go to one node, the commands of a round are sent concurrently instead).
 async fn batch_round_trips(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConnection,
     prefix: &str,
     group: &[String],
 ) -> anyhow::Result<()> {
     let keys: Vec<String> = group.iter().map(|id| format!("{prefix}{id}")).collect();
-    let mut claims = redis::pipe();
-    for k in &keys {
-        claims
-            .cmd("SET")
-            .arg(k)
+    let claims = keys.iter().map(|k| {
+        let mut c = redis::cmd("SET");
+        c.arg(k)
             .arg("IN_PROGRESS")
             .arg("NX")
             .arg("PX")
             .arg(LEASE_MS);
-    }
-    let claimed: Vec<Value> = claims.query_async(conn).await?;
+        c
+    });
+    let claimed = round_trip(conn, claims).await?;
     ensure!(
         claimed.iter().all(|v| *v == Value::Okay),
         "a baseline claim did not insert"
     );
-    let mut completions = redis::pipe();
-    for k in &keys {
-        completions
-            .cmd("SET")
-            .arg(k)
-            .arg("C:")
-            .arg("PX")
-            .arg(RETENTION_MS)
-            .ignore();
-    }
-    completions.exec_async(conn).await?;
+    let completions = keys.iter().map(|k| {
+        let mut c = redis::cmd("SET");
+        c.arg(k).arg("C:").arg("PX").arg(RETENTION_MS);
+        c
+    });
+    round_trip(conn, completions).await?;
     Ok(())
+}
+
+/// Sends `cmds` at once: one pipeline on a single server, concurrent commands on a cluster.
+async fn round_trip(
+    conn: &mut RedisConnection,
+    cmds: impl Iterator<Item = redis::Cmd>,
+) -> redis::RedisResult<Vec<Value>> {
+    if let RedisConnection::Cluster(_) = conn {
+        let sends = cmds.map(|c| {
+            let mut conn = conn.clone();
+            async move { c.query_async::<Value>(&mut conn).await }
+        });
+        return futures_util::future::try_join_all(sends).await;
+    }
+    let mut pipe = redis::pipe();
+    for c in cmds {
+        pipe.add_command(c);
+    }
+    pipe.query_async(conn).await
 }
 
 /// The `SCAN` pattern of the idem records of namespace `ns`.
@@ -255,30 +271,29 @@ fn glob_escape(s: &str) -> String {
 /// Deletes every key matching `pattern` (what a run wrote), so that benchmarks leave nothing
 /// behind in the scratch database.
 async fn cleanup(store: &RedisStore, pattern: &str) -> anyhow::Result<usize> {
+    let keys = store
+        .scan_keys(pattern)
+        .await
+        .context("cleaning up the benchmark's keys")?;
+    unlink(store, &keys)
+        .await
+        .context("cleaning up the benchmark's keys")
+}
+
+/// Deletes `keys`, one `UNLINK` per key (a Redis Cluster refuses one command over keys of
+/// several slots); returns how many existed.
+async fn unlink(store: &RedisStore, keys: &[Vec<u8>]) -> redis::RedisResult<usize> {
     let mut conn = store.connection();
-    let mut cursor = 0u64;
     let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(&mut conn)
-            .await
-            .context("cleaning up the benchmark's keys")?;
-        if !keys.is_empty() {
-            let n: usize = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .context("cleaning up the benchmark's keys")?;
-            deleted += n;
+    for chunk in keys.chunks(1_000) {
+        let cmds = chunk.iter().map(|k| {
+            let mut c = redis::cmd("UNLINK");
+            c.arg(k);
+            c
+        });
+        for v in round_trip(&mut conn, cmds).await? {
+            deleted += usize::from(v == Value::Int(1));
         }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
     }
+    Ok(deleted)
 }

@@ -1,15 +1,22 @@
 //! `--exec COMMAND`: runs a command per key, the payload on its stdin, the key and the message's
 //! metadata in its environment.
 //!
-//! The command runs in a process group of its own: a ctrl-c at the terminal reaches the sidecar
-//! (which then lets running commands finish within `--grace`), not the commands directly; and a
-//! command past `--timeout`, or still running when the grace ends, is killed with its whole
-//! group (SIGKILL), so the children of a `sh -c` go too.
+//! Each command runs under a watchdog, [`guard`](super::guard): a copy of this executable that
+//! leads a process group of its own and starts the command in it. A ctrl-c at the terminal
+//! reaches the sidecar (which then lets running commands finish within `--grace`), not the
+//! commands. A command past `--timeout`, or still running when the grace ends, is killed with
+//! its whole group (SIGKILL), so the children of a `sh -c` go too; so is whatever a command
+//! that exited left running in its group. And the whole group dies with the sidecar, however
+//! the sidecar dies (SIGKILL included): the guard kills it when its control socket to the
+//! sidecar ends. A command can never finish an effect after its sidecar is gone, to be run
+//! again once its lease ends.
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +28,7 @@ use idem::{Acquisition, Attempt};
 use idem_broker::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::{Failure, ResultMode};
+use super::{Failure, ResultMode, guard};
 
 /// Prefix of the variables holding a message's headers. Variables the sidecar sets only for
 /// some messages (this prefix and [`MESSAGE_ID`]) are removed from what commands inherit, so
@@ -33,6 +40,8 @@ const MESSAGE_ID: &str = "IDEM_MESSAGE_ID";
 /// A command to run per key.
 #[derive(Debug)]
 pub(crate) struct Exec {
+    /// The watchdog's program: this executable.
+    guard: PathBuf,
     program: PathBuf,
     args: Vec<String>,
     /// The command as the operator wrote it, for reasons and logs.
@@ -68,6 +77,7 @@ impl Exec {
             bail!("--exec is empty: give the command to run per message");
         }
         let program = find_program(program)?;
+        let guard = guard_program()?;
         let stale = std::env::vars_os()
             .map(|(name, _)| name)
             .filter(|name| {
@@ -76,6 +86,7 @@ impl Exec {
             })
             .collect();
         Ok(Exec {
+            guard,
             program,
             args: args.to_vec(),
             shown: command.to_owned(),
@@ -85,9 +96,9 @@ impl Exec {
         })
     }
 
-    /// Runs the command for one message. Keeps at most `limit + 1` bytes of stdout: the
-    /// executor fails the key when a result is over the store's limit, and one byte more is
-    /// enough for it to tell.
+    /// Runs the command for one message, under its watchdog ([`guard`](super::guard)). Keeps
+    /// at most `limit + 1` bytes of stdout: the executor fails the key when a result is over
+    /// the store's limit, and one byte more is enough for it to tell.
     ///
     /// # Errors
     /// A [`Failure`] when the command cannot start, exits with another status than 0, is
@@ -98,9 +109,17 @@ impl Exec {
         attempt: &Attempt,
         limit: usize,
     ) -> Result<Bytes, Failure> {
-        let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.args(&self.args)
-            .stdin(Stdio::piped())
+        let cannot_run = |e: io::Error| Failure(format!("cannot run `{}`: {e}", self.shown));
+        let payload = message.payload().clone();
+        let (control, guard_end) = std::os::unix::net::UnixStream::pair().map_err(cannot_run)?;
+        let mut cmd = tokio::process::Command::new(&self.guard);
+        cmd.arg(guard::SUBCOMMAND)
+            .arg("--payload-bytes")
+            .arg(payload.len().to_string())
+            .arg("--")
+            .arg(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::from(OwnedFd::from(guard_end)))
             .stdout(match self.result {
                 ResultMode::Output => Stdio::piped(),
                 ResultMode::None => Stdio::inherit(),
@@ -114,83 +133,126 @@ impl Exec {
         for (name, value) in environment(message, attempt) {
             cmd.env(name, value);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Failure(format!("cannot run `{}`: {e}", self.shown)))?;
+        let spawned = cmd.spawn();
+        // Closes the sidecar's copy of the guard's end of the control socket.
+        drop(cmd);
+        let mut child = spawned.map_err(cannot_run)?;
+        // Declared after `child`, so dropped before it: the group is killed before the guard
+        // can be reaped.
         let group = GroupKiller::new(child.id());
-        let stdin = child.stdin.take();
+        let mut control = control
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(control))
+            .map_err(cannot_run)?;
         let stdout = child.stdout.take();
-        let payload = message.payload().clone();
+        let (mut from_guard, mut to_guard) = control.split();
         let work = async {
-            let feed = async move {
-                let Some(mut stdin) = stdin else {
-                    return Ok(());
-                };
-                match stdin.write_all(&payload).await {
-                    // The command need not read its stdin.
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-                    other => other,
-                }
-                // Dropping stdin closes it: the command sees the end of the payload.
-            };
-            let mut io = std::pin::pin!(async { tokio::join!(feed, read_bounded(stdout, limit)) });
-            let mut io_done = None;
-            let status = loop {
+            // The guard reads the whole payload before it starts the command. A failed write
+            // means the guard is gone, which the missing report says.
+            let feed = async { to_guard.write_all(&payload).await };
+            let mut io =
+                std::pin::pin!(async { tokio::join!(feed, read_bounded(stdout, limit)).1 });
+            let mut report = std::pin::pin!(read_report(&mut from_guard));
+            let mut output = None;
+            let report = loop {
                 tokio::select! {
-                    done = &mut io, if io_done.is_none() => io_done = Some(done),
-                    status = child.wait() => break status,
+                    out = &mut io, if output.is_none() => output = Some(out),
+                    report = &mut report => break report,
                 }
             };
-            group.reaped();
-            let (fed, output) = match io_done {
-                Some(done) => done,
+            let output = match output {
+                Some(out) => out,
                 // The command exited, but something it started in the background still holds
-                // its stdin or stdout: its exit status is the result. The holders are killed
-                // (the group cannot have been reused: they are still in it) and what was
+                // its stdout: its exit status is the result. The holders are killed (the
+                // guard is alive, so the group's id cannot have been reused) and what was
                 // written is read to the end.
                 None => match tokio::time::timeout(LEFTOVER_WAIT, &mut io).await {
-                    Ok(done) => done,
+                    Ok(out) => out,
                     Err(_) => {
-                        group.kill_leftovers();
+                        group.kill();
                         io.await
                     }
                 },
             };
-            (fed, output, status)
+            (report, output)
         };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok((fed, output, status)) => {
-                let status =
-                    status.map_err(|e| Failure(format!("waiting for `{}`: {e}", self.shown)))?;
-                if !status.success() {
-                    return Err(Failure(format!("`{}` failed: {status}", self.shown)));
-                }
-                fed.map_err(|e| Failure(format!("writing the payload to `{}`: {e}", self.shown)))?;
-                let (out, total) = output
-                    .map_err(|e| Failure(format!("reading the stdout of `{}`: {e}", self.shown)))?;
-                if total > limit as u64 {
-                    tracing::error!(
-                        key = %attempt.key(),
-                        bytes = total,
-                        limit,
-                        "the command's stdout is over the store's result limit: the key is \
-                         failed (its effect is not repeated); use --result none for commands \
-                         that print more"
-                    );
-                }
-                Ok(Bytes::from(out))
+        let done = tokio::time::timeout(self.timeout, work).await;
+        // Whatever the command left running in its group goes, with the guard; then the guard
+        // is reaped.
+        group.kill();
+        let guard_status = child.wait().await;
+        group.reaped();
+        let Ok((report, output)) = done else {
+            return Err(Failure(format!(
+                "`{}` timed out after {} and was killed",
+                self.shown,
+                crate::duration::exact(self.timeout)
+            )));
+        };
+        let status = match report {
+            Report::Exited(status) => status,
+            Report::CannotRun(why) => {
+                return Err(Failure(format!("cannot run `{}`: {why}", self.shown)));
             }
-            Err(_) => {
-                group.kill();
-                // SIGKILLs the command itself if the group kill missed it, and reaps it.
-                let _ = child.kill().await;
-                group.reaped();
-                Err(Failure(format!(
-                    "`{}` timed out after {:?} and was killed",
-                    self.shown, self.timeout
-                )))
+            Report::Gone => {
+                let how = match guard_status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(Failure(format!(
+                    "`{}` was killed: its watchdog process ended ({how}) before the command did",
+                    self.shown
+                )));
             }
+        };
+        if !status.success() {
+            return Err(Failure(format!("`{}` failed: {status}", self.shown)));
         }
+        let (out, total) =
+            output.map_err(|e| Failure(format!("reading the stdout of `{}`: {e}", self.shown)))?;
+        if total > limit as u64 {
+            tracing::error!(
+                key = %attempt.key(),
+                bytes = total,
+                limit,
+                "the command's stdout is over the store's result limit: the key is \
+                 failed (its effect is not repeated); use --result none for commands \
+                 that print more"
+            );
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+/// What the guard reported on the control socket.
+enum Report {
+    /// The command exited (or was killed) with this status.
+    Exited(std::process::ExitStatus),
+    /// The command could not be started.
+    CannotRun(String),
+    /// The guard ended without a report (it was killed).
+    Gone,
+}
+
+/// Reads the guard's one-line report.
+async fn read_report(r: &mut (impl AsyncRead + Unpin)) -> Report {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 256];
+    while !line.contains(&b'\n') && line.len() < 4096 {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return Report::Gone,
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    let line = line.lines().next().unwrap_or_default();
+    match line.split_once(' ') {
+        Some(("status", raw)) => match raw.trim().parse::<i32>() {
+            Ok(raw) => Report::Exited(std::process::ExitStatus::from_raw(raw)),
+            Err(_) => Report::CannotRun(format!("unexpected watchdog report {line:?}")),
+        },
+        Some(("error", why)) => Report::CannotRun(why.to_owned()),
+        _ => Report::CannotRun(format!("unexpected watchdog report {line:?}")),
     }
 }
 
@@ -283,12 +345,13 @@ pub(crate) fn acquisition(a: Acquisition) -> &'static str {
     }
 }
 
-/// Kills a command's process group: on timeout, or when its future is dropped (the shutdown
-/// grace ended) before the command was reaped. Never after: the group id could be reused.
 /// How long the output of a command that exited may take to end before what it left running
 /// in the background is killed.
 const LEFTOVER_WAIT: Duration = Duration::from_secs(1);
 
+/// Kills a command's process group (its guard's): on timeout, after the command exited, or when
+/// its future is dropped (the shutdown grace ended). Never after the guard, the group's leader,
+/// was reaped: the group's id could then be reused.
 struct GroupKiller {
     pgid: Option<rustix::process::Pid>,
     reaped: AtomicBool,
@@ -312,12 +375,6 @@ impl GroupKiller {
         if self.reaped.load(Ordering::Acquire) {
             return;
         }
-        self.kill_leftovers();
-    }
-
-    /// Kills the group even after its leader was reaped: only when a member is known to be
-    /// alive (it holds one of our pipes open), which keeps the group's id from being reused.
-    fn kill_leftovers(&self) {
         if let Some(pgid) = self.pgid {
             // ESRCH: the group is already gone.
             let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
@@ -329,6 +386,36 @@ impl Drop for GroupKiller {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The program that runs a command's watchdog: this very executable. `/proc/self/exe` is it
+/// even after its file was replaced or deleted (an upgrade in place), so the watchdog always
+/// speaks the sidecar's protocol.
+#[cfg(not(test))]
+fn guard_program() -> anyhow::Result<PathBuf> {
+    let this = Path::new("/proc/self/exe");
+    if this.exists() {
+        return Ok(this.to_path_buf());
+    }
+    std::env::current_exe().context("cannot find the idem executable (it runs each --exec command)")
+}
+
+/// In unit tests, this executable is the test harness: the watchdog is the `idem` binary cargo
+/// built next to it (`cargo test` builds it for the integration tests).
+#[cfg(test)]
+fn guard_program() -> anyhow::Result<PathBuf> {
+    let harness = std::env::current_exe()?;
+    let idem = harness
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("idem"))
+        .context("no directory above the test harness")?;
+    anyhow::ensure!(
+        idem.is_file(),
+        "{} is missing: build the idem binary first (cargo test -p idem-cli builds it)",
+        idem.display()
+    );
+    Ok(idem)
 }
 
 /// Finds `program` the way `execvp` would, so that a missing one is reported at start.

@@ -1,225 +1,22 @@
-//! Fault injection: which faults exist, their rates, the seeded decision of whether one hits a
-//! delivery, and [`FlakyStore`], the store wrapper that injects transient errors.
+//! [`FlakyStore`], the store wrapper that injects transient errors in store mode; the faults
+//! themselves (which exist, their rates, the seeded decision of whether one hits a delivery)
+//! are `idem_verify::faults`, re-exported here for `verify --broker`.
 //!
 //! Every decision is a hash of `(seed, fault, message, delivery number)` (for store errors:
 //! `(seed, key id, operation, how many times that operation ran on that key)`), never a shared
 //! random generator, so the same seed injects the same faults whatever the scheduling.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use idem::{Claim, ClaimRequest, Completion, Key, Record, Store, StoreError, Token, WriteOutcome};
+use idem::{Key, Store, StoreError, StoreLayer, StoreOp};
+
+pub(crate) use idem_verify::faults::{
+    CrashPoint, ErrorSide, Fault, FaultCounters, FaultPlan, PerFault,
+};
 
 use super::workload::{fnv1a, hash, unit};
-
-/// A kind of fault. The order is the order of the report's columns.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub(crate) enum Fault {
-    /// The producer publishes the same message again (a lost publish confirm).
-    DupPublish,
-    /// The consumer's ack never reaches the broker: the message is redelivered.
-    LostAck,
-    /// The consumer crashes before the handler's effect (in store mode: holding the claim).
-    CrashBefore,
-    /// The consumer crashes after the effect, before `complete` (store mode's window).
-    CrashAfterEffect,
-    /// The consumer crashes after `complete`, before the ack.
-    CrashAfterComplete,
-    /// The handler outlives the visibility timeout; the heartbeat keeps the lease.
-    Slow,
-    /// The consumer freezes past its lease with no heartbeat, then wakes and tries to finish.
-    Pause,
-    /// A store operation fails with a transient error, before or after it took effect.
-    StoreError,
-}
-
-impl Fault {
-    pub(crate) const ALL: [Fault; 8] = [
-        Fault::DupPublish,
-        Fault::LostAck,
-        Fault::CrashBefore,
-        Fault::CrashAfterEffect,
-        Fault::CrashAfterComplete,
-        Fault::Slow,
-        Fault::Pause,
-        Fault::StoreError,
-    ];
-
-    /// The stable name used in JSON.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Fault::DupPublish => "dup_publish",
-            Fault::LostAck => "lost_ack",
-            Fault::CrashBefore => "crash_before",
-            Fault::CrashAfterEffect => "crash_after_effect",
-            Fault::CrashAfterComplete => "crash_after_complete",
-            Fault::Slow => "slow",
-            Fault::Pause => "pause",
-            Fault::StoreError => "store_error",
-        }
-    }
-
-    /// A short column header.
-    pub(crate) fn header(self) -> &'static str {
-        match self {
-            Fault::DupPublish => "dup publish",
-            Fault::LostAck => "lost ack",
-            Fault::CrashBefore => "crash before",
-            Fault::CrashAfterEffect => "crash after effect",
-            Fault::CrashAfterComplete => "crash after complete",
-            Fault::Slow => "slow",
-            Fault::Pause => "pause",
-            Fault::StoreError => "store error",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    fn domain(self) -> u64 {
-        100 + self as u64
-    }
-}
-
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A value per fault kind.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct PerFault<T>([T; 8]);
-
-impl<T: Copy> PerFault<T> {
-    pub(crate) fn get(&self, fault: Fault) -> T {
-        self.0[fault.index()]
-    }
-
-    pub(crate) fn set(&mut self, fault: Fault, value: T) {
-        self.0[fault.index()] = value;
-    }
-}
-
-/// Counters per fault kind, shared by the tasks of one run.
-#[derive(Debug, Default)]
-pub(crate) struct FaultCounters([AtomicU64; 8]);
-
-impl FaultCounters {
-    pub(crate) fn hit(&self, fault: Fault) {
-        self.0[fault.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn snapshot(&self) -> PerFault<u64> {
-        PerFault(std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed)))
-    }
-}
-
-/// Where a consumer crashes while processing a delivery.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-pub(crate) enum CrashPoint {
-    BeforeEffect,
-    AfterEffect,
-    AfterComplete,
-}
-
-/// Which side of a store operation a transient error is on.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum ErrorSide {
-    /// The operation did not happen.
-    Before,
-    /// The operation happened, but the caller hears an error (the nastier case).
-    After,
-}
-
-/// The faults decided for one delivery.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Faults {
-    pub(crate) crash: Option<CrashPoint>,
-    pub(crate) slow: bool,
-    pub(crate) pause: bool,
-    pub(crate) lost_ack: bool,
-    /// Used by modes that call the store directly (transactional); store mode's errors come
-    /// from [`FlakyStore`].
-    pub(crate) store_error: Option<ErrorSide>,
-}
-
-/// Rates and seed: decides which faults hit which delivery.
-#[derive(Clone, Debug)]
-pub(crate) struct FaultPlan {
-    seed: u64,
-    rates: PerFault<f64>,
-}
-
-impl FaultPlan {
-    pub(crate) fn new(seed: u64, rates: PerFault<f64>) -> Self {
-        Self { seed, rates }
-    }
-
-    pub(crate) fn seed(&self) -> u64 {
-        self.seed
-    }
-
-    pub(crate) fn rate(&self, fault: Fault) -> f64 {
-        self.rates.get(fault)
-    }
-
-    /// Whether `fault` hits delivery number `delivery` (from 1; 0 for the producer) of message
-    /// `message`.
-    pub(crate) fn hits(&self, fault: Fault, message: u32, delivery: u32) -> bool {
-        let rate = self.rates.get(fault);
-        rate > 0.0
-            && unit(hash(
-                self.seed,
-                fault.domain(),
-                u64::from(message),
-                u64::from(delivery),
-            )) < rate
-    }
-
-    /// A number in `[0, 1)` for secondary choices about a fault that hit (how long a delay,
-    /// which side of an operation).
-    pub(crate) fn detail(&self, fault: Fault, message: u32, delivery: u32) -> f64 {
-        unit(hash(
-            self.seed,
-            fault.domain() + 1000,
-            u64::from(message),
-            u64::from(delivery),
-        ))
-    }
-
-    /// The faults of one delivery. Of several crash points, the earliest wins.
-    pub(crate) fn for_delivery(&self, message: u32, delivery: u32) -> Faults {
-        let hit = |f| self.hits(f, message, delivery);
-        let crash = [
-            (Fault::CrashBefore, CrashPoint::BeforeEffect),
-            (Fault::CrashAfterEffect, CrashPoint::AfterEffect),
-            (Fault::CrashAfterComplete, CrashPoint::AfterComplete),
-        ]
-        .into_iter()
-        .find(|(f, _)| hit(*f))
-        .map(|(_, p)| p);
-        let store_error = hit(Fault::StoreError).then(|| {
-            if self.detail(Fault::StoreError, message, delivery) < 0.5 {
-                ErrorSide::Before
-            } else {
-                ErrorSide::After
-            }
-        });
-        Faults {
-            crash,
-            slow: hit(Fault::Slow),
-            pause: hit(Fault::Pause),
-            lost_ack: hit(Fault::LostAck),
-            store_error,
-        }
-    }
-}
 
 /// The store operations [`FlakyStore`] can fail.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -235,6 +32,11 @@ enum Op {
 /// a transient [`StoreErrorKind::Unavailable`](idem::StoreErrorKind::Unavailable) error, half of
 /// them *before* the real operation (nothing happened) and half *after* it (the write happened
 /// but the caller hears an error, as when a response is lost on the network).
+///
+/// A [`StoreLayer`]: every call reaches the inner store in its own form, so batches stay
+/// batches (`claim_many`, `complete_many`). A batch is decided key by key, like the single
+/// forms, and fails as a whole, as a batch does on a real store: before the call if any key's
+/// decision says before, after it otherwise.
 ///
 /// `get`, `evict` and `purge_expired` pass through: `verify` reads with them to check results.
 pub(crate) struct FlakyStore<S> {
@@ -257,6 +59,7 @@ impl<S> FlakyStore<S> {
         }
     }
 
+    /// The decision for one key's `op` (counted as one more run of it).
     fn decide(&self, key: &Key, op: Op) -> Option<ErrorSide> {
         if self.rate <= 0.0 {
             return None;
@@ -272,7 +75,6 @@ impl<S> FlakyStore<S> {
         if unit(h) >= self.rate {
             return None;
         }
-        self.injected.hit(Fault::StoreError);
         // The lowest bit is independent of the bits `unit` used.
         Some(if h & 1 == 0 {
             ErrorSide::Before
@@ -281,20 +83,27 @@ impl<S> FlakyStore<S> {
         })
     }
 
-    async fn flaky<T>(
-        &self,
-        key: &Key,
-        op: Op,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        match self.decide(key, op) {
-            None => call.await,
-            Some(ErrorSide::Before) => Err(injected_error(op, "before")),
-            Some(ErrorSide::After) => {
-                call.await?;
-                Err(injected_error(op, "after"))
+    /// The decision for a whole call: each key's, before winning over after.
+    fn decide_call(&self, op: &StoreOp<'_>) -> Option<(Op, ErrorSide)> {
+        let kind = match op {
+            StoreOp::Claim(_) | StoreOp::ClaimMany(_) => Op::Claim,
+            StoreOp::Complete(_) | StoreOp::CompleteMany(_) => Op::Complete,
+            StoreOp::Release { .. } => Op::Release,
+            StoreOp::Extend { .. } => Op::Extend,
+            StoreOp::Fail { .. } => Op::Fail,
+            _ => return None,
+        };
+        let mut side = None;
+        for key in op.keys() {
+            match (side, self.decide(key, kind)) {
+                (_, Some(ErrorSide::Before)) => side = Some(ErrorSide::Before),
+                (None, Some(ErrorSide::After)) => side = Some(ErrorSide::After),
+                _ => {}
             }
         }
+        let side = side?;
+        self.injected.hit(Fault::StoreError);
+        Some((kind, side))
     }
 }
 
@@ -304,102 +113,36 @@ fn injected_error(op: Op, side: &str) -> StoreError {
     ))
 }
 
-impl<S: Store> Store for FlakyStore<S> {
-    async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        self.flaky(&req.key, Op::Claim, self.inner.claim(req)).await
+impl<S: Store> StoreLayer for FlakyStore<S> {
+    type Inner = S;
+
+    fn inner(&self) -> &S {
+        &self.inner
     }
 
-    async fn complete(&self, c: &Completion) -> Result<WriteOutcome, StoreError> {
-        self.flaky(&c.key, Op::Complete, self.inner.complete(c))
-            .await
-    }
-
-    async fn release(
+    fn around<T: Send>(
         &self,
-        key: &Key,
-        token: Token,
-        retention: Duration,
-    ) -> Result<WriteOutcome, StoreError> {
-        self.flaky(key, Op::Release, self.inner.release(key, token, retention))
-            .await
-    }
-
-    async fn extend(
-        &self,
-        key: &Key,
-        token: Token,
-        lease: Duration,
-    ) -> Result<WriteOutcome, StoreError> {
-        self.flaky(key, Op::Extend, self.inner.extend(key, token, lease))
-            .await
-    }
-
-    async fn fail(
-        &self,
-        key: &Key,
-        token: Token,
-        reason: &str,
-        retention: Duration,
-    ) -> Result<WriteOutcome, StoreError> {
-        self.flaky(
-            key,
-            Op::Fail,
-            self.inner.fail(key, token, reason, retention),
-        )
-        .await
-    }
-
-    async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-
-    async fn evict(&self, key: &Key) -> Result<bool, StoreError> {
-        self.inner.evict(key).await
-    }
-
-    async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
-        self.inner.purge_expired(limit).await
-    }
-
-    fn max_result_bytes(&self) -> usize {
-        self.inner.max_result_bytes()
+        op: StoreOp<'_>,
+        call: impl Future<Output = Result<T, StoreError>> + Send,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send {
+        let decision = self.decide_call(&op);
+        async move {
+            match decision {
+                None => call.await,
+                Some((op, ErrorSide::Before)) => Err(injected_error(op, "before")),
+                Some((op, ErrorSide::After)) => {
+                    call.await?;
+                    Err(injected_error(op, "after"))
+                }
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idem::{Fingerprint, MemoryStore, Namespace};
-
-    fn rates(fault: Fault, rate: f64) -> PerFault<f64> {
-        let mut r = PerFault::default();
-        r.set(fault, rate);
-        r
-    }
-
-    #[test]
-    fn decisions_follow_the_seed_and_the_rate() {
-        let plan = FaultPlan::new(42, rates(Fault::LostAck, 0.1));
-        let again = FaultPlan::new(42, rates(Fault::LostAck, 0.1));
-        let other = FaultPlan::new(43, rates(Fault::LostAck, 0.1));
-        let hits = |p: &FaultPlan| -> Vec<bool> {
-            (0..10_000).map(|m| p.hits(Fault::LostAck, m, 1)).collect()
-        };
-        assert_eq!(hits(&plan), hits(&again));
-        assert_ne!(hits(&plan), hits(&other));
-        let n = hits(&plan).iter().filter(|h| **h).count();
-        assert!((800..1200).contains(&n), "{n} hits of 10000 at 10%");
-        assert!((0..10_000).all(|m| !plan.hits(Fault::Pause, m, 1)));
-    }
-
-    #[test]
-    fn the_earliest_crash_point_wins() {
-        let mut r = PerFault::default();
-        r.set(Fault::CrashAfterComplete, 1.0);
-        r.set(Fault::CrashAfterEffect, 1.0);
-        let plan = FaultPlan::new(1, r);
-        assert_eq!(plan.for_delivery(3, 1).crash, Some(CrashPoint::AfterEffect));
-    }
+    use idem::{Claim, ClaimRequest, Fingerprint, MemoryStore, Namespace};
 
     #[tokio::test]
     async fn flaky_store_fails_before_and_after() {
@@ -420,5 +163,23 @@ mod tests {
         }
         assert!(before > 10 && after > 10, "before {before}, after {after}");
         assert_eq!(counters.snapshot().get(Fault::StoreError), 64);
+    }
+
+    #[tokio::test]
+    async fn flaky_store_keeps_batches_whole() {
+        // With no faults, a batch reaches the inner store as one batch.
+        let counters = Arc::new(FaultCounters::default());
+        let inner = MemoryStore::new();
+        let store = FlakyStore::new(inner.clone(), 9, 0.0, Arc::clone(&counters));
+        let ns = Namespace::new("flaky").unwrap();
+        let reqs: Vec<ClaimRequest> = (0..4)
+            .map(|i| ClaimRequest::new(ns.key(format!("b{i}")).unwrap(), Fingerprint::of(b"x")))
+            .collect();
+        let claims = store.claim_many(&reqs).await.unwrap();
+        assert!(claims.iter().all(|c| matches!(c, Claim::Acquired(_))));
+        // At rate 1, every batch fails, and counts as one injected fault.
+        let store = FlakyStore::new(inner, 9, 1.0, Arc::clone(&counters));
+        assert!(store.claim_many(&reqs).await.unwrap_err().is_transient());
+        assert_eq!(counters.snapshot().get(Fault::StoreError), 1);
     }
 }

@@ -1,24 +1,22 @@
 //! `idem verify`: proves, under injected faults, that idem turns at-least-once delivery into
 //! exactly-once effects.
 //!
-//! A bank ledger workload ([`workload`]) goes through an at-least-once delivery harness
-//! ([`harness`]) to competing consumers ([`consumer`]) that suffer the faults of [`faults`], in
-//! three modes, each on a fresh ledger ([`ledger`]):
+//! The checker itself is the `idem-verify` crate: the bank ledger workload, the fault plan, the
+//! in-process at-least-once broker (`idem_broker::memory`) and idem's own consumer runtime
+//! (`idem_broker::Consumer`) under the faults, the ledgers that count every effect, and the
+//! report. This module gives it its arguments, its stores ([`sql`]: scratch tables on a SQL
+//! server; [`faults::FlakyStore`]: store errors), a progress bar ([`progress`]) and the output,
+//! in three modes, each on a fresh ledger:
 //! - `naive`: no deduplication, to show what the faults do;
-//! - `store`: [`idem::Executor`] over the store; the ledger lives outside it;
-//! - `transactional`: [`idem_sqlite::SqliteStore::run_transactional`]: ledger writes and record
-//!   in one transaction.
+//! - `store`: the consumer runtime in store mode over the store; the ledger lives outside it;
+//! - `transactional`: the consumer runtime in transactional mode: ledger writes and record in
+//!   one transaction (SQLite, PostgreSQL, MySQL).
 //!
-//! Every application of every transfer is counted in the ledger, so duplicates and losses are
-//! measured; [`report`] judges them and prints the table or the JSON. See `docs/verify.md`.
-//!
-//! With `--broker`, [`broker`] runs the same workload through a real broker instead of the
-//! harness, with consumer processes that are really killed, and the same report and checks.
+//! With `--broker`, [`broker`] runs the same workload through a real broker instead, with
+//! consumer processes that are really killed, and the same report and checks.
 
 mod broker;
-mod consumer;
 mod faults;
-mod harness;
 mod ledger;
 mod progress;
 mod report;
@@ -26,37 +24,38 @@ mod sql;
 mod workload;
 
 use std::process::ExitCode;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use idem::{Backoff, Config, Executor, Namespace, State, Store};
-use tokio::time::Instant;
-
-use self::consumer::{Mode, Naive, Shared, Stalls, Stats, StoreMode, TransactionalMode};
-use self::faults::{Fault, FaultPlan, FlakyStore, PerFault};
-use self::harness::{Broker, HarnessQueue};
-use self::ledger::{
-    MemoryLedger, Sabotage, SimulatedCrash, Snapshot, SqliteLedger, TransactionalLedger,
+use idem::{Backoff, Config};
+use idem_verify::sql::{MysqlLedger, PostgresLedger};
+use idem_verify::{
+    DEFAULT_RATES, Fault, FaultPlan, Harness, MemoryLedger, PerFault, Report, Sabotage,
+    SqliteLedger, Stalls, Workload, check,
 };
+
+use self::faults::FlakyStore;
 use self::progress::Progress;
-use self::report::{Measured, ModeName, Report, RunReport, check};
-use self::sql::{MysqlLedger, PostgresLedger};
-use self::workload::Workload;
 use crate::store_url::{OpenOptions, Opened, StoreUrl};
 
-/// Default fault rates: high enough that, at the default size, every fault hits many times and
-/// the naive consumer certainly applies duplicates; low enough that a run takes seconds.
-const DEFAULT_RATES: [(Fault, f64); 8] = [
-    (Fault::DupPublish, 0.01),
-    (Fault::LostAck, 0.01),
-    (Fault::CrashBefore, 0.001),
-    (Fault::CrashAfterEffect, 0.001),
-    (Fault::CrashAfterComplete, 0.001),
-    (Fault::Slow, 0.002),
-    (Fault::Pause, 0.0001),
-    (Fault::StoreError, 0.01),
-];
+/// A deliberately broken handler (`--sabotage`, a hidden test flag).
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum SabotageArg {
+    /// Every 50th message's effect is applied twice by the handler that runs it.
+    DoubleApply,
+    /// Every 50th message is acked without its effect.
+    SkipEffect,
+}
+
+impl From<SabotageArg> for Sabotage {
+    fn from(s: SabotageArg) -> Self {
+        match s {
+            SabotageArg::DoubleApply => Sabotage::DoubleApply,
+            SabotageArg::SkipEffect => Sabotage::SkipEffect,
+        }
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -82,12 +81,15 @@ pub(crate) struct Args {
     #[arg(long, value_name = "URL")]
     store: Option<StoreUrl>,
     /// Run the workload through a real broker instead of the in-process harness: `amqp`,
-    /// `nats`, `mqtt` or `redis` starts a private broker that verify restarts mid-run; a URL
-    /// (`amqp://…`, `nats://…`, `mqtt://…`, `redis://…`) uses that server (not restarted).
+    /// `nats`, `mqtt`, `redis`, `kafka`, `activemq` or `rocketmq` starts a private broker that
+    /// verify restarts mid-run (not `kafka`: its quick-to-install brokers keep everything in
+    /// memory); a URL (`amqp://…`, `nats://…`, `mqtt://…`, `redis://…`, `kafka://…`,
+    /// `stomp://…`, `rocketmq://…`) uses that server (not restarted). Kafka, STOMP and RocketMQ
+    /// need idem built with the `kafka`, `stomp` and `rocketmq` features.
     #[arg(long, value_name = "KIND|URL")]
     broker: Option<String>,
     /// With --broker: mean time between SIGKILLs of a random consumer process (0: none)
-    /// [default: 1500].
+    /// [default: 1500; 10000 on Kafka, where every kill is a rebalance].
     #[arg(long, value_name = "MS")]
     kill_interval_ms: Option<u64>,
     /// With --broker: mean time between cuts of every connection to the broker (0: none)
@@ -154,7 +156,7 @@ pub(crate) struct Args {
     /// Test hook: a deliberately broken handler in store and transactional modes, to prove
     /// that the checker catches it.
     #[arg(long, value_enum, hide = true)]
-    sabotage: Option<Sabotage>,
+    sabotage: Option<SabotageArg>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -187,24 +189,16 @@ impl Args {
     }
 }
 
-/// Everything the three modes share.
-struct Common {
-    workload: Arc<Workload>,
-    plan: FaultPlan,
-    consumers: usize,
-    prefetch: usize,
-    lease: Duration,
-    visibility_timeout: Duration,
-    stalls: Stalls,
-    timeout: Duration,
-    sabotage: Option<Sabotage>,
-    /// Makes namespaces and ledger rows of this run unique in a shared store.
-    run_id: String,
-}
-
 pub(crate) use self::broker::{ChildArgs, run_child};
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("IDEM_LOG") {
+        // The runtime's own logs (store errors, nacks...), for a run that needs explaining.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     if let Some(spec) = args.broker.clone() {
         return broker::run(args, &spec).await;
     }
@@ -231,15 +225,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     let lease = Duration::from_millis(args.lease_ms);
     let visibility_timeout = Duration::from_millis(visibility_timeout_ms);
+    let defaults = Stalls::for_timing(lease, visibility_timeout);
     let stalls = Stalls {
-        // Past the lease too, so that only the heartbeat keeps the claim.
-        slow: args.slow_ms.map_or(
-            (visibility_timeout * 2).max(lease * 2),
-            Duration::from_millis,
-        ),
-        pause: args
-            .pause_ms
-            .map_or(lease + visibility_timeout * 3, Duration::from_millis),
+        slow: args.slow_ms.map_or(defaults.slow, Duration::from_millis),
+        pause: args.pause_ms.map_or(defaults.pause, Duration::from_millis),
     };
     ensure!(
         stalls.slow > visibility_timeout,
@@ -252,36 +241,39 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     // Below 2^53, so that JSON readers that hold numbers as doubles print it back exactly.
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..1 << 53));
-    quiet_simulated_crashes();
 
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
     let url = args
         .store
         .clone()
         .unwrap_or_else(|| StoreUrl::Sqlite(tmp.path().join("verify.db")));
-    let run_id = format!("{:012x}", fastrand::u64(..) >> 16);
-    let common = Common {
-        workload: Arc::new(Workload::generate(seed, messages, args.accounts)),
-        plan: FaultPlan::new(seed, args.rates()),
-        consumers,
-        prefetch: args.prefetch,
-        lease,
-        visibility_timeout,
-        stalls,
-        timeout: Duration::from_secs(args.timeout_s.unwrap_or(300)),
-        sabotage: args.sabotage,
-        run_id,
-    };
+    let mut harness = Harness::new(
+        Workload::generate(seed, messages, args.accounts),
+        FaultPlan::new(seed, args.rates()),
+    );
+    harness.consumers = consumers;
+    harness.prefetch = args.prefetch;
+    harness.lease = lease;
+    harness.visibility_timeout = visibility_timeout;
+    harness.stalls = stalls;
+    harness.timeout = Duration::from_secs(args.timeout_s.unwrap_or(300));
+    harness.sabotage = args.sabotage.map(Sabotage::from);
+    harness.observer = Some(Arc::new(Progress::default()));
 
-    let (opened, transactional) = open(&url, &common.run_id).await?;
+    let (opened, transactional) = open(&url, &harness.run_id).await?;
     let runs = async {
-        let mut runs = vec![run_naive(&common).await];
-        runs.push(with_store!(opened.clone(), store => run_store(store, &common).await?));
+        let mut runs = vec![harness.naive(MemoryLedger::new(&harness.workload)).await?];
+        let (seed, rate) = (seed, harness.plan.rate(Fault::StoreError));
+        runs.push(with_store!(opened.clone(), store => harness
+            .store(store, MemoryLedger::new(&harness.workload), |store, counters| {
+                FlakyStore::new(store, seed, rate, counters)
+            })
+            .await?));
         if let Some(ledger) = transactional {
             runs.push(match ledger {
-                Ledger::Sqlite(l) => run_transactional(l, &common).await?,
-                Ledger::Postgres(l) => run_transactional(l, &common).await?,
-                Ledger::Mysql(l) => run_transactional(l, &common).await?,
+                Ledger::Sqlite(l) => harness.transactional(l).await?,
+                Ledger::Postgres(l) => harness.transactional(l).await?,
+                Ledger::Mysql(l) => harness.transactional(l).await?,
             });
         }
         anyhow::Ok(runs)
@@ -289,8 +281,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     .await;
     // Scratch tables on a SQL server go, whatever happened.
     let cleanup = match (&url, &opened) {
-        (StoreUrl::Postgres(u), _) => sql::drop_postgres_scratch(u, &common.run_id).await,
-        (_, Opened::Mysql(store)) => sql::drop_mysql_scratch(store, &common.run_id).await,
+        (StoreUrl::Postgres(u), _) => sql::drop_postgres_scratch(u, &harness.run_id).await,
+        (_, Opened::Mysql(store)) => sql::drop_mysql_scratch(store, &harness.run_id).await,
         _ => Ok(()),
     };
     let runs = runs?;
@@ -339,8 +331,13 @@ enum Ledger {
 /// Opens the store of the store and transactional modes. PostgreSQL and MySQL get a scratch
 /// schema or tables of the run's own (created here, dropped by the caller).
 async fn open(url: &StoreUrl, run_id: &str) -> anyhow::Result<(Opened, Option<Ledger>)> {
+    // No attempt limit: injected crashes must never exhaust (and dead-letter) a transfer.
     let config = Config::default()
         .max_attempts(0)
+        .retry_backoff(Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(500),
+        ))
         .name("verify-transactional");
     Ok(match url {
         StoreUrl::Postgres(u) => {
@@ -370,180 +367,6 @@ async fn open(url: &StoreUrl, run_id: &str) -> anyhow::Result<(Opened, Option<Le
             (opened, ledger)
         }
     })
-}
-
-/// Simulated crashes in transactional mode are panics inside the store's transaction (which
-/// rolls it back); the default hook would print each one.
-fn quiet_simulated_crashes() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !info.payload().is::<SimulatedCrash>() {
-                default(info);
-            }
-        }));
-    });
-}
-
-async fn run_naive(common: &Common) -> RunReport {
-    let ledger = Arc::new(MemoryLedger::new(&common.workload));
-    let mode = Naive {
-        workload: Arc::clone(&common.workload),
-        ledger: Arc::clone(&ledger),
-        stalls: common.stalls,
-    };
-    let stats = Arc::new(Stats::new(common.workload.transfers.len()));
-    let (elapsed, unacked) = drive(ModeName::Naive, common, mode, &stats).await;
-    // Naive's only record is the ack: every suspect is a window event.
-    let _ = stats.resolve_windows(|_, _| async { Ok(false) }).await;
-    RunReport::new(
-        ModeName::Naive,
-        &common.workload,
-        Measured::of(&stats),
-        &ledger.snapshot(),
-        elapsed,
-        unacked,
-    )
-}
-
-async fn run_store<S: Store>(store: S, common: &Common) -> anyhow::Result<RunReport> {
-    let stats = Arc::new(Stats::new(common.workload.transfers.len()));
-    let store = Arc::new(FlakyStore::new(
-        store,
-        common.plan.seed(),
-        common.plan.rate(Fault::StoreError),
-        Arc::clone(&stats.faults),
-    ));
-    // No attempt limit: injected crashes must never exhaust (and dead-letter) a transfer.
-    let config = Config::default()
-        .lease(common.lease)
-        .max_attempts(0)
-        .retry_backoff(Backoff::new(
-            Duration::from_millis(20),
-            Duration::from_millis(500),
-        ))
-        .name("verify-store");
-    let ledger = Arc::new(MemoryLedger::new(&common.workload));
-    let namespace = Namespace::new(format!("verify-store-{}", common.run_id))?;
-    let mode = StoreMode {
-        exec: Executor::with_config(Arc::clone(&store), config),
-        namespace: namespace.clone(),
-        workload: Arc::clone(&common.workload),
-        ledger: Arc::clone(&ledger),
-        stalls: common.stalls,
-        sabotage: common.sabotage,
-    };
-    let (elapsed, unacked) = drive(ModeName::Store, common, mode, &stats).await;
-    // A crashed delivery whose completion reached the store before the crash took effect
-    // closed its window after all: only the others can cause a duplicate.
-    stats
-        .resolve_windows(|message, token| {
-            let (store, namespace) = (&store, &namespace);
-            async move {
-                let key = namespace.key(Workload::message_id(message))?;
-                let record = store.get(&key).await?;
-                Ok(record.is_some_and(|r| r.state == State::Completed && r.token == Some(token)))
-            }
-        })
-        .await
-        .context("reading the store's records back")?;
-    Ok(RunReport::new(
-        ModeName::Store,
-        &common.workload,
-        Measured::of(&stats),
-        &ledger.snapshot(),
-        elapsed,
-        unacked,
-    ))
-}
-
-async fn run_transactional<L: TransactionalLedger>(
-    ledger: L,
-    common: &Common,
-) -> anyhow::Result<RunReport> {
-    ledger.create(&common.workload).await?;
-    let ledger = Arc::new(ledger);
-    let mode = TransactionalMode {
-        ledger: Arc::clone(&ledger),
-        namespace: Namespace::new(format!("verify-tx-{}", common.run_id))?,
-        workload: Arc::clone(&common.workload),
-        stalls: common.stalls,
-        sabotage: common.sabotage,
-    };
-    let stats = Arc::new(Stats::new(common.workload.transfers.len()));
-    let (elapsed, unacked) = drive(ModeName::Transactional, common, mode, &stats).await;
-    let snapshot: Snapshot = ledger.snapshot(&common.workload).await?;
-    Ok(RunReport::new(
-        ModeName::Transactional,
-        &common.workload,
-        Measured::of(&stats),
-        &snapshot,
-        elapsed,
-        unacked,
-    ))
-}
-
-/// Publishes the workload (with the producer's retries) into a fresh harness queue and runs the
-/// consumers until it is drained or `--timeout-s` passes. Returns the time taken and how many
-/// published copies were left unacked (0 when it drained).
-async fn drive<M: Mode>(
-    name: ModeName,
-    common: &Common,
-    mode: M,
-    stats: &Arc<Stats>,
-) -> (Duration, u64) {
-    let queue = Arc::new(HarnessQueue::new(common.visibility_timeout));
-    let shared = Arc::new(Shared {
-        broker: Arc::clone(&queue),
-        mode,
-        plan: common.plan.clone(),
-        stats: Arc::clone(stats),
-        prefetch: common.prefetch,
-    });
-    let total = common.workload.transfers.len() as u64;
-    let progress = Progress::start(name.as_str(), total, Arc::clone(stats));
-    let start = Instant::now();
-    let producer = tokio::spawn(produce(
-        Arc::clone(&queue),
-        common.plan.clone(),
-        Arc::clone(stats),
-        total as u32,
-        common.visibility_timeout,
-    ));
-    let mut consumers = tokio::spawn(consumer::run_consumers(shared, common.consumers));
-    if tokio::time::timeout(common.timeout, &mut consumers)
-        .await
-        .is_err()
-    {
-        consumers.abort();
-    }
-    producer.abort();
-    let elapsed = start.elapsed();
-    progress.finish(elapsed).await;
-    (elapsed, queue.unacked() as u64)
-}
-
-/// The producer: publishes every transfer once, and again when a retry fault hits it (as after a
-/// lost publish confirm: the copy arrives up to one visibility timeout later).
-async fn produce(
-    queue: Arc<HarnessQueue>,
-    plan: FaultPlan,
-    stats: Arc<Stats>,
-    messages: u32,
-    spread: Duration,
-) {
-    for i in 0..messages {
-        queue.publish(i, Duration::ZERO);
-        if plan.hits(Fault::DupPublish, i, 0) {
-            stats.faults.hit(Fault::DupPublish);
-            queue.publish(i, spread.mul_f64(plan.detail(Fault::DupPublish, i, 0)));
-        }
-        if i % 1024 == 1023 {
-            tokio::task::yield_now().await;
-        }
-    }
-    queue.close_publishing();
 }
 
 #[cfg(test)]

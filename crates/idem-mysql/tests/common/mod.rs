@@ -94,26 +94,33 @@ pub struct DropTable {
 
 impl Drop for DropTable {
     fn drop(&mut self) {
-        // Drop runs inside the test's runtime, which cannot block on itself: clean up from a
-        // thread with a runtime of its own.
-        let (url, table) = (self.url.clone(), self.table.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                let pool = mysql_async::Pool::new(url.as_str());
-                let mut conn = pool.get_conn().await.ok()?;
-                let dropped = conn
-                    .query_drop(format!("DROP TABLE IF EXISTS `{table}`"))
-                    .await
-                    .ok();
-                drop(conn);
-                let _ = pool.disconnect().await;
-                dropped
-            })
-        })
-        .join();
+        on_server(
+            &self.url,
+            vec![format!("DROP TABLE IF EXISTS `{}`", self.table)],
+        );
     }
+}
+
+/// Runs `statements` in order on one new connection to `url`, from a thread with a runtime of
+/// its own: usable in a `Drop` inside a test's runtime, which cannot block on itself. Errors
+/// are ignored (cleanup is best effort).
+pub fn on_server(url: &str, statements: Vec<String>) {
+    let url = url.to_owned();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let pool = mysql_async::Pool::new(url.as_str());
+            let mut conn = pool.get_conn().await.ok()?;
+            for sql in statements {
+                conn.query_drop(sql).await.ok()?;
+            }
+            drop(conn);
+            let _ = pool.disconnect().await;
+            Some(())
+        })
+    })
+    .join();
 }

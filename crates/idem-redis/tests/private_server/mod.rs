@@ -1,14 +1,15 @@
 //! A private `redis-server` for fault tests: a free port, a temporary directory, killed on drop.
 //! The shared server on 6379 is never stopped (other tests use it).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use idem_testkit::{ServerProcess, free_port, missing};
 
 /// A `redis-server` child process that the test owns.
 pub(crate) struct PrivateRedis {
-    child: Option<Child>,
+    child: Option<ServerProcess>,
     port: u16,
     dir: tempfile::TempDir,
     args: Vec<String>,
@@ -95,12 +96,7 @@ impl PrivateRedis {
                 .stderr(Stdio::null())
                 .status();
             if !made.is_ok_and(|s| s.success()) {
-                assert!(
-                    !idem_conformance::server::is_ci(),
-                    "openssl cannot make test certificates; CI is set, so this is a failure"
-                );
-                eprintln!("SKIPPED: openssl cannot make test certificates");
-                return None;
+                return missing("openssl cannot make test certificates");
             }
         }
         let args = [
@@ -127,12 +123,7 @@ impl PrivateRedis {
             .status()
             .is_err()
         {
-            assert!(
-                !idem_conformance::server::is_ci(),
-                "redis-server is not installed; CI is set, so this is a failure, not a skip"
-            );
-            eprintln!("SKIPPED: redis-server is not installed");
-            return None;
+            return missing("redis-server is not installed");
         }
         let port = free_port();
         let mut server = Self {
@@ -164,36 +155,29 @@ impl PrivateRedis {
         } else {
             ["--port", &port, "--tls-port", "0"]
         };
-        let child = Command::new("redis-server")
-            .args(ports)
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--dir"])
-            .arg(self.dir.path())
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
+        let child = ServerProcess::spawn(
+            Command::new("redis-server")
+                .args(ports)
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", "", "--dir"])
+                .arg(self.dir.path())
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            self.port,
+        );
         self.child = Some(child);
         self.wait_ready();
     }
 
+    /// Waits until the server answers (it listens before it has loaded its dataset).
     fn wait_ready(&self) {
+        if self.tls {
+            // A TLS handshake needs the client's TLS set-up; a listening port is enough.
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.tls {
-                // A TLS handshake needs the client's TLS set-up; a listening port is enough.
-                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "TLS redis-server did not come up"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
             let ping = redis::Client::open(self.url())
                 .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
@@ -212,8 +196,7 @@ impl PrivateRedis {
     /// SIGKILL: the server dies at once, as in a crash.
     pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
         }
     }
 
@@ -225,13 +208,7 @@ impl PrivateRedis {
 
     /// Sends `signal` (`STOP`, `CONT`) to the server.
     pub(crate) fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("server running").id();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {pid} failed");
+        self.child.as_ref().expect("server running").signal(signal);
     }
 
     /// A plain connection for test set-up and inspection.
@@ -247,11 +224,4 @@ impl Drop for PrivateRedis {
         // SIGKILL ends a stopped (SIGSTOP) server too.
         self.kill();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }

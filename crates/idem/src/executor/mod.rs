@@ -1,6 +1,6 @@
 //! The [`Executor`]: what handler authors use. `run(key, payload, handler)` claims, runs the
 //! handler only when the claim is acquired, records the result, and returns an [`Outcome`] that
-//! says whether the message may be acked (contract section 4).
+//! says whether the message may be acked (docs/design.md, section 4).
 
 mod attempt;
 mod outcome;
@@ -24,6 +24,7 @@ pub use self::outcome::{Disposition, Outcome};
 use crate::error::{Error, StoreError};
 use crate::key::{Fingerprint, Key};
 use crate::metrics::{Metrics, Op};
+use crate::policy::{self, Mode, Step, Verdict};
 use crate::record::Owner;
 use crate::store::{
     Acquisition, Claim, ClaimRequest, Completion, DEFAULT_LEASE, DEFAULT_RETENTION, Lease, Store,
@@ -285,12 +286,7 @@ impl<S: Store> Executor<S> {
 
     /// A claim request for `key` with this executor's lease, retention, limit and owner.
     pub fn claim_request(&self, key: Key, fingerprint: Fingerprint) -> ClaimRequest {
-        let c = &self.inner.config;
-        ClaimRequest::new(key, fingerprint)
-            .lease(c.lease)
-            .retention(c.retention)
-            .max_attempts(c.max_attempts)
-            .owner(c.owner.clone())
+        policy::claim_request(key, fingerprint, &self.inner.config)
     }
 
     /// Processes one delivery: the fingerprint is that of `payload`.
@@ -464,19 +460,20 @@ impl<S: Store> Executor<S> {
         let mut values = Vec::new();
         for (i, attempt, result) in group {
             let key = &reqs[i].key;
-            let encoded = match &result {
-                Ok(value) if !attempt.is_lease_lost() => value.encode().ok(),
-                _ => None,
-            };
-            match (result, encoded) {
-                (Ok(value), Some(bytes)) if bytes.len() <= self.inner.store.max_result_bytes() => {
+            if attempt.is_lease_lost() {
+                outcomes[i] = Some(Ok(self.lost(&attempt)));
+                continue;
+            }
+            match self.verdict(result, &attempt) {
+                Ok(Verdict::Complete { value, result }) => {
                     completions.push(
-                        Completion::new(key.clone(), attempt.token, bytes)
+                        Completion::new(key.clone(), attempt.token, result)
                             .retention(self.inner.config.retention),
                     );
                     values.push((i, value, attempt.number));
                 }
-                (result, _) => outcomes[i] = Some(self.finish(key, &attempt, result).await),
+                Ok(verdict) => outcomes[i] = Some(self.write(key, &attempt, verdict).await),
+                Err(e) => outcomes[i] = Some(Err(e)),
             }
         }
         if completions.is_empty() {
@@ -485,7 +482,11 @@ impl<S: Store> Executor<S> {
         match self.complete_with_retry(&completions).await {
             Ok(written) => {
                 for ((i, value, attempt), written) in values.into_iter().zip(written) {
-                    outcomes[i] = Some(Ok(self.recorded(value, written, attempt)));
+                    let verdict = Verdict::Complete {
+                        value,
+                        result: bytes::Bytes::new(),
+                    };
+                    outcomes[i] = Some(Ok(self.recorded(verdict, attempt, written)));
                 }
             }
             Err(e) => {
@@ -499,18 +500,52 @@ impl<S: Store> Executor<S> {
         }
     }
 
-    /// The outcome of a completion write.
-    fn recorded<T, E>(&self, value: T, written: WriteOutcome, attempt: u32) -> Outcome<T, E> {
-        match written {
-            WriteOutcome::Applied => {
-                self.inner.metrics.executed.increment(1);
-                Outcome::Executed(value)
-            }
-            WriteOutcome::LeaseLost => {
-                self.inner.metrics.lease_lost.increment(1);
-                Outcome::LeaseLost { attempt }
-            }
+    /// The outcome of a verdict's write, counted.
+    fn recorded<T, E>(
+        &self,
+        verdict: Verdict<T, E>,
+        attempt: u32,
+        written: WriteOutcome,
+    ) -> Outcome<T, E> {
+        let outcome = verdict.recorded(attempt, written);
+        let m = &self.inner.metrics;
+        match &outcome {
+            Outcome::Executed(_) => m.executed.increment(1),
+            Outcome::Released { .. } => m.released.increment(1),
+            Outcome::Exhausted { .. } => m.exhausted.increment(1),
+            Outcome::LeaseLost { .. } => m.lease_lost.increment(1),
+            _ => {}
         }
+        outcome
+    }
+
+    /// The outcome of a handler whose lease the heartbeat found lost: nothing is written.
+    fn lost<T, E>(&self, attempt: &Attempt) -> Outcome<T, E> {
+        self.inner.metrics.lease_lost.increment(1);
+        policy::lease_lost(attempt.number)
+    }
+
+    /// The policy's verdict on a handler's result, logged when the key must fail.
+    fn verdict<T: Stored, E: fmt::Display>(
+        &self,
+        result: Result<T, E>,
+        attempt: &Attempt,
+    ) -> Result<Verdict<T, E>, Error> {
+        let verdict = policy::on_result(
+            result,
+            attempt.number,
+            &self.inner.config,
+            self.inner.store.max_result_bytes(),
+            Mode::Store,
+        )?;
+        if let Verdict::Fail {
+            reason,
+            error: None,
+        } = &verdict
+        {
+            tracing::error!(key = %attempt.key, "{reason}");
+        }
+        Ok(verdict)
     }
 
     fn attempt(&self, key: &Key, lease: Lease) -> Attempt {
@@ -561,47 +596,51 @@ impl<S: Store> Executor<S> {
     }
 
     /// Turns a claim into either a lease to run under or a final outcome, applying the
-    /// in-progress policy.
+    /// in-progress policy: under `WaitForResult` an in-progress claim waits (claiming again)
+    /// for the first run's result, in [`wait_for_result`](Self::wait_for_result), a future of
+    /// its own that the common path never builds.
     async fn settle_claim<T: Stored, E>(
         &self,
         req: &ClaimRequest,
         claim: Claim,
     ) -> Result<Settled<T, E>, Error> {
-        let mut claim = claim;
-        let wait_until = match self.inner.config.on_in_progress {
-            OnInProgress::WaitForResult(timeout) => Some(Instant::now() + timeout),
-            OnInProgress::RetryLater => None,
-        };
-        let mut polls = 0u32;
-        loop {
-            let outcome = match claim {
-                Claim::Acquired(lease) => return Ok(Settled::Run(lease)),
-                Claim::Completed { result } => Outcome::Replayed(T::decode(result)?),
-                Claim::Mismatch { stored } => Outcome::Mismatch {
-                    stored,
-                    received: req.fingerprint,
-                },
-                Claim::Exhausted { attempts, reason } => Outcome::Exhausted {
-                    attempts,
-                    reason,
-                    error: None,
-                },
-                Claim::InProgress { retry_after } => match wait_until {
-                    Some(deadline) if Instant::now() < deadline => {
-                        // Poll quickly at first (the first run is often nearly done), then back
-                        // off, never past the deadline.
-                        polls += 1;
-                        let step = Duration::from_millis(5 << polls.min(6)).min(retry_after);
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        tokio::time::sleep(step.min(left)).await;
-                        claim = self.claim(req).await?;
-                        continue;
-                    }
-                    _ => Outcome::InProgress { retry_after },
-                },
-            };
-            return Ok(Settled::Done(outcome));
+        match (
+            policy::on_claim(claim, req.fingerprint)?,
+            self.inner.config.on_in_progress,
+        ) {
+            (Step::Run(lease), _) => Ok(Settled::Run(lease)),
+            (
+                Step::Done(Outcome::InProgress { retry_after }),
+                OnInProgress::WaitForResult(timeout),
+            ) => Box::pin(self.wait_for_result(req, retry_after, Instant::now() + timeout)).await,
+            (Step::Done(outcome), _) => Ok(Settled::Done(outcome)),
         }
+    }
+
+    /// Claims again until the first run completes (its result is replayed) or `deadline`
+    /// passes (then [`Outcome::InProgress`]).
+    async fn wait_for_result<T: Stored, E>(
+        &self,
+        req: &ClaimRequest,
+        mut retry_after: Duration,
+        deadline: Instant,
+    ) -> Result<Settled<T, E>, Error> {
+        let mut polls = 0u32;
+        while Instant::now() < deadline {
+            // Poll quickly at first (the first run is often nearly done), then back off, never
+            // past the deadline.
+            polls += 1;
+            let step = Duration::from_millis(5 << polls.min(6)).min(retry_after);
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(step.min(left)).await;
+            let claim = self.claim(req).await?;
+            retry_after = match policy::on_claim(claim, req.fingerprint)? {
+                Step::Run(lease) => return Ok(Settled::Run(lease)),
+                Step::Done(Outcome::InProgress { retry_after }) => retry_after,
+                Step::Done(outcome) => return Ok(Settled::Done(outcome)),
+            };
+        }
+        Ok(Settled::Done(Outcome::InProgress { retry_after }))
     }
 
     /// Runs the handler future, extending the lease while it is pending.
@@ -654,112 +693,66 @@ impl<S: Store> Executor<S> {
         }
     }
 
-    /// Records the handler's result: complete, release, or fail.
+    /// Records the handler's result: complete, release, or fail, as the policy decides.
     async fn finish<T: Stored, E: fmt::Display>(
         &self,
         key: &Key,
         attempt: &Attempt,
         result: Result<T, E>,
     ) -> Result<Outcome<T, E>, Error> {
-        let m = &self.inner.metrics;
-        let c = &self.inner.config;
         if attempt.is_lease_lost() {
-            m.lease_lost.increment(1);
-            return Ok(Outcome::LeaseLost {
-                attempt: attempt.number,
-            });
+            return Ok(self.lost(attempt));
         }
-        let error = match result {
-            Ok(value) => {
-                let bytes = value.encode()?;
-                let limit = self.inner.store.max_result_bytes();
-                if bytes.len() > limit {
-                    // The effect happened but cannot be recorded. Retrying would repeat the
-                    // effect, so the key is failed (duplicates are dead-lettered, not re-run).
-                    let reason = format!(
-                        "the handler succeeded but its result is {} bytes, over the store's \
-                         limit of {limit}; the key is failed so that it is not run again",
-                        bytes.len()
-                    );
-                    tracing::error!(key = %key, "{reason}");
-                    return self.fail(key, attempt, reason, None).await;
-                }
-                let completion =
-                    Completion::new(key.clone(), attempt.token, bytes).retention(c.retention);
+        match self.verdict(result, attempt)? {
+            // The common case, written out here: a nested future would be built and then moved
+            // into this one, a copy of a few hundred bytes per message.
+            Verdict::Complete { value, result } => {
+                let completion = Completion::new(key.clone(), attempt.token, result)
+                    .retention(self.inner.config.retention);
                 let written = self
                     .complete_with_retry(std::slice::from_ref(&completion))
                     .await?;
                 let written = written.first().copied().unwrap_or(WriteOutcome::LeaseLost);
-                return Ok(self.recorded(value, written, attempt.number));
+                let verdict = Verdict::Complete {
+                    value,
+                    result: completion.result,
+                };
+                Ok(self.recorded(verdict, attempt.number, written))
             }
-            Err(error) => error,
-        };
-        if c.max_attempts
-            .is_some_and(|max| attempt.number >= max.get())
-        {
-            let reason = format!(
-                "attempt {} of {} failed: {error}",
-                attempt.number,
-                c.max_attempts.map_or(0, NonZeroU32::get)
-            );
-            return self.fail(key, attempt, reason, Some(error)).await;
+            // Releases and failures: rarer, boxed so that their future does not grow this one.
+            verdict => Box::pin(self.write(key, attempt, verdict)).await,
         }
-        let written = self
-            .timed(
-                Op::Release,
-                self.inner.store.release(key, attempt.token, c.retention),
-            )
-            .await?;
-        Ok(match written {
-            WriteOutcome::Applied => {
-                m.released.increment(1);
-                Outcome::Released {
-                    error,
-                    attempt: attempt.number,
-                    retry_after: c.retry_backoff.delay(attempt.number),
-                }
-            }
-            WriteOutcome::LeaseLost => {
-                m.lease_lost.increment(1);
-                Outcome::LeaseLost {
-                    attempt: attempt.number,
-                }
-            }
-        })
     }
 
-    async fn fail<T, E>(
+    /// Makes the verdict's write and returns its outcome.
+    async fn write<T, E>(
         &self,
         key: &Key,
         attempt: &Attempt,
-        reason: String,
-        error: Option<E>,
+        verdict: Verdict<T, E>,
     ) -> Result<Outcome<T, E>, Error> {
-        let m = &self.inner.metrics;
-        let written = self
-            .timed(
-                Op::Fail,
-                self.inner
-                    .store
-                    .fail(key, attempt.token, &reason, self.inner.config.retention),
-            )
-            .await?;
-        Ok(match written {
-            WriteOutcome::Applied => {
-                m.exhausted.increment(1);
-                Outcome::Exhausted {
-                    attempts: attempt.number,
-                    reason,
-                    error,
-                }
+        let store = &self.inner.store;
+        let retention = self.inner.config.retention;
+        let token = attempt.token;
+        let written = match &verdict {
+            Verdict::Complete { result, .. } => {
+                let completion =
+                    Completion::new(key.clone(), token, result.clone()).retention(retention);
+                let written = self
+                    .complete_with_retry(std::slice::from_ref(&completion))
+                    .await?;
+                written.first().copied().unwrap_or(WriteOutcome::LeaseLost)
             }
-            WriteOutcome::LeaseLost => {
-                m.lease_lost.increment(1);
-                Outcome::LeaseLost {
-                    attempt: attempt.number,
-                }
+            Verdict::Release { .. } => {
+                self.timed(Op::Release, store.release(key, token, retention))
+                    .await?
             }
-        })
+            Verdict::Fail { reason, .. } => {
+                self.timed(Op::Fail, store.fail(key, token, reason, retention))
+                    .await?
+            }
+        };
+        Ok(self.recorded(verdict, attempt.number, written))
     }
 
     /// Completes, retrying transient store errors for a while: the effect has happened, and

@@ -29,22 +29,17 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::future::join_all;
 use idem::{Acquisition, AnyStore, Attempt, Backoff, Config, Disposition, Executor, Namespace};
-use idem_broker::amqp::AmqpSource;
-use idem_broker::mqtt::MqttSource;
-use idem_broker::nats::NatsSource;
-use idem_broker::redis_streams::RedisStreamSource;
 use idem_broker::{Acker, BrokerError, Consumer, Incoming, Message, Settings, Source};
 use idem_sqlite::SqliteStore;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use super::log::LogWriter;
-use super::spec::{BrokerKind, ConsumerSpec};
+use super::ops;
+use super::spec::{BrokerUrl, ConsumerSpec};
 use crate::store_url::{OpenOptions, StoreUrl};
 use crate::verify::faults::{CrashPoint, Fault, FaultPlan, PerFault};
-use crate::verify::ledger::{
-    CrashHook, DieInTransaction, SqliteLedger, TransactionalLedger, TransferJob,
-};
+use crate::verify::ledger::{CrashHook, DieInTransaction, TransferJob, apply_in_transaction};
 use crate::verify::report::ModeName;
 use crate::verify::workload::Workload;
 
@@ -197,33 +192,10 @@ pub(crate) async fn run(args: ChildArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_tx.send(true);
     });
     let spec = &ctx.spec;
-    let url = spec.url.clone();
-    let names = spec.names.clone();
-    let s = spec.settings;
-    let slot = args.slot;
-    match spec.kind {
-        BrokerKind::Nats => {
-            let config = names.nats(&s);
-            let source = connect(&stop, || NatsSource::connect(&url, config.clone())).await?;
-            consume(source, ctx, stop).await
-        }
-        BrokerKind::Amqp => {
-            let config = names.amqp(&s);
-            let source = connect(&stop, || AmqpSource::connect(&url, config.clone())).await?;
-            consume(source, ctx, stop).await
-        }
-        BrokerKind::Mqtt => {
-            let config = names.mqtt(slot);
-            let source = connect(&stop, || MqttSource::connect(&url, config.clone())).await?;
-            consume(source, ctx, stop).await
-        }
-        BrokerKind::Redis => {
-            let config = names.redis(&s, slot);
-            let source =
-                connect(&stop, || RedisStreamSource::connect(&url, config.clone())).await?;
-            consume(source, ctx, stop).await
-        }
-    }?;
+    let url = BrokerUrl::parse(&spec.url)?;
+    let (names, settings, slot) = (&spec.names, &spec.settings, args.slot);
+    let source = connect(&stop, || ops::connect_source(&url, names, settings, slot)).await?;
+    consume(source, Arc::clone(&ctx), stop).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -279,27 +251,7 @@ async fn consume<S: Source>(
             })
             .await
         }
-        ModeName::Transactional => {
-            let store = SqliteStore::open(&ctx.spec.store)
-                .with_context(|| format!("opening {}", ctx.spec.store))?;
-            let ledger = Arc::new(SqliteLedger::new(
-                store,
-                &ctx.spec.run_id,
-                Config::default()
-                    .max_attempts(0)
-                    .name("verify-transactional"),
-            )?);
-            let namespace = Namespace::new(format!("verify-tx-{}", ctx.spec.run_id))?;
-            settle_loop(tap, &ctx, stop, move |ctx, incoming| {
-                let (ledger, namespace) = (Arc::clone(&ledger), namespace.clone());
-                async move {
-                    let disposition =
-                        apply_transactional(&ctx, &ledger, &namespace, &incoming).await;
-                    (incoming, disposition)
-                }
-            })
-            .await
-        }
+        ModeName::Transactional => run_transactional_mode(tap, &ctx, stop).await,
         ModeName::Store => run_store_mode(tap, &ctx, stop).await,
     }
 }
@@ -326,13 +278,6 @@ async fn run_store_mode<S: Source>(
             ))
             .name("verify-store"),
     );
-    let mut settings = Settings::default();
-    settings.batch_size = s.prefetch.max(1);
-    settings.concurrency = 2;
-    settings.shutdown_grace = Duration::from_secs(5);
-    settings.store_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-    settings.receive_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-    settings.in_progress_backoff = Backoff::new(Duration::from_millis(100), s.lease());
     let handler_ctx = Arc::clone(ctx);
     let handler = move |message: Message, attempt: Attempt| {
         let ctx = Arc::clone(&handler_ctx);
@@ -346,21 +291,98 @@ async fn run_store_mode<S: Source>(
     };
     let namespace = Namespace::new(format!("verify-store-{}", ctx.spec.run_id))?;
     Consumer::new(tap, exec, namespace, handler)
-        .settings(settings)
+        .settings(runtime_settings(ctx))
         .run(stopped(stop))
         .await?;
     Ok(())
 }
 
-/// Transactional mode: one delivery through the ledger's transaction. `None`: not a verify
-/// transfer (acked, and logged as an error).
-async fn apply_transactional<D>(
+/// The runtime's settings in both idem modes.
+fn runtime_settings(ctx: &Ctx) -> Settings {
+    let s = ctx.spec.settings;
+    let mut settings = Settings::default();
+    settings.batch_size = s.prefetch.max(1);
+    settings.concurrency = 2;
+    settings.shutdown_grace = Duration::from_secs(5);
+    settings.store_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    settings.receive_backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    settings.in_progress_backoff = Backoff::new(Duration::from_millis(100), s.lease());
+    settings
+}
+
+/// Transactional mode: idem's runtime over the SQLite store all processes share; the ledger's
+/// writes and idem's record commit in one transaction, then the delivery is acked.
+async fn run_transactional_mode<S: Source>(
+    tap: Tap<S>,
     ctx: &Arc<Ctx>,
-    ledger: &SqliteLedger,
-    namespace: &Namespace,
-    incoming: &Incoming<D>,
-) -> Option<Disposition> {
-    let message = &incoming.message;
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let store = SqliteStore::open(&ctx.spec.store)
+        .with_context(|| format!("opening {}", ctx.spec.store))?;
+    let config = Config::default()
+        // No attempt limit: kills must never exhaust (and dead-letter) a transfer.
+        .max_attempts(0)
+        .retry_backoff(Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(500),
+        ))
+        .name("verify-transactional");
+    let run: Arc<str> = ctx.spec.run_id.as_str().into();
+    let namespace = Namespace::new(format!("verify-tx-{}", ctx.spec.run_id))?;
+    let handler_ctx = Arc::clone(ctx);
+    let consumer = Consumer::transactional(
+        tap,
+        store,
+        config,
+        namespace,
+        move |message: &Message, conn: &mut rusqlite::Connection| {
+            let job = transfer_job(&handler_ctx, message);
+            let (ctx, run) = (Arc::clone(&handler_ctx), Arc::clone(&run));
+            let seq = Ctx::seq_of(message);
+            Box::pin(async move {
+                // Not a verify transfer: nothing to write (the tap logged it as an error).
+                let Some(job) = job else {
+                    return Ok(());
+                };
+                apply_in_transaction(conn, &run, &job).map_err(|e| e.to_string())?;
+                ctx.ran(seq);
+                Ok::<(), String>(())
+            })
+        },
+    )
+    .settings(runtime_settings(ctx));
+    let counts = tokio::spawn(log_outcomes(Arc::clone(ctx), consumer.stats()));
+    let result = consumer.run(stopped(stop)).await;
+    counts.abort();
+    let _ = counts.await;
+    result?;
+    Ok(())
+}
+
+/// Logs the runtime's executed and replayed counts as they grow (`O executed N` lines).
+async fn log_outcomes(ctx: Arc<Ctx>, stats: Arc<idem_broker::Stats>) {
+    let mut logged = (0, 0);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = stats.snapshot();
+        let (executed, replayed) = (now.executed - logged.0, now.replayed - logged.1);
+        let mut lines = String::new();
+        if executed > 0 {
+            lines.push_str(&format!("O executed {executed}\n"));
+        }
+        if replayed > 0 {
+            lines.push_str(&format!("O replayed {replayed}\n"));
+        }
+        if !lines.is_empty() {
+            ctx.log(&lines);
+        }
+        logged = (now.executed, now.replayed);
+    }
+}
+
+/// The transfer a delivery carries, with this delivery's planned crash inside the transaction;
+/// `None` for a message that is not a verify transfer.
+fn transfer_job(ctx: &Arc<Ctx>, message: &Message) -> Option<TransferJob> {
     let seq = Ctx::seq_of(message);
     let msg = ctx.transfer_of(message)?;
     let die = match ctx.crash_point(msg, message.delivery_count()) {
@@ -368,23 +390,18 @@ async fn apply_transactional<D>(
         Some(CrashPoint::AfterEffect) => Some(DieInTransaction::AfterWrites),
         _ => None,
     };
-    let hook_ctx = Arc::clone(ctx);
     let fault = if die == Some(DieInTransaction::BeforeWrites) {
         Fault::CrashBefore
     } else {
         Fault::CrashAfterEffect
     };
-    let key = match namespace.key(Workload::message_id(msg)) {
-        Ok(key) => key,
-        Err(e) => {
-            ctx.log(&format!("! transfer {msg}: {e}\n"));
-            return Some(Disposition::Retry {
-                after: Duration::from_secs(1),
-            });
-        }
-    };
-    let job = TransferJob {
-        key,
+    let hook_ctx = Arc::clone(ctx);
+    Some(TransferJob {
+        // The runtime keys the message by its id; the job's key is not used on this path.
+        key: Namespace::new("verify-tx")
+            .ok()?
+            .key(Workload::message_id(msg))
+            .ok()?,
         payload: ctx.workload.payload(msg),
         index: msg,
         transfer: ctx.workload.transfers[msg as usize],
@@ -393,27 +410,10 @@ async fn apply_transactional<D>(
         died: Arc::new(AtomicBool::new(false)),
         // Inside the transaction, on SQLite's writer thread: the whole process dies there.
         crash: CrashHook::new(move || hook_ctx.die(fault, msg, seq)),
-    };
-    match ledger.apply_once(job).await {
-        Ok(settled) => {
-            ctx.log(&format!("O {} {msg} {seq}\n", settled.kind));
-            if settled.is_executed() {
-                ctx.ran(seq);
-            }
-            Some(settled.disposition)
-        }
-        Err(e) => {
-            // Fail closed: not acked, tried again.
-            ctx.log(&format!("O store_error {msg} {seq}\n"));
-            tracing::warn!(error = %e, "transactional call failed");
-            Some(Disposition::Retry {
-                after: Duration::from_millis(200),
-            })
-        }
-    }
+    })
 }
 
-/// The consumer loop of naive and transactional mode: receive a batch, decide every delivery
+/// The consumer loop of naive mode: receive a batch, decide every delivery
 /// (concurrently), then settle. `decide` returns `None` for a message that is not a verify
 /// transfer: it is acked so that it does not come back, and logged as an error.
 async fn settle_loop<S, F, Fut>(

@@ -57,7 +57,7 @@ pub(crate) enum Line {
     Delivered { msg: u32, seq: u64, count: u32 },
     Takeover,
     Effect { msg: u32, seq: u64, token: u64 },
-    Outcome { kind: String },
+    Outcome { kind: String, n: u64 },
     Acked { seq: u64 },
     AckFailed,
     Nacked,
@@ -98,8 +98,13 @@ impl Line {
         let parsed = parsed.or_else(|| {
             let rest: Vec<&str> = line.split(' ').collect();
             match rest.as_slice() {
-                ["O", kind, ..] => Some(Line::Outcome {
+                ["O", kind, rest @ ..] => Some(Line::Outcome {
                     kind: (*kind).to_owned(),
+                    // `O kind COUNT` from the runtime's counters; `O kind MSG SEQ` is one.
+                    n: match rest {
+                        [count] => count.parse().unwrap_or(1),
+                        _ => 1,
+                    },
                 }),
                 ["K", fault, ..] => Fault::ALL
                     .into_iter()
@@ -272,7 +277,7 @@ impl Tally {
                         errors.push(format!("consumer {n} logged unknown transfer {msg}"));
                     }
                     Line::Takeover => self.takeovers += 1,
-                    Line::Outcome { kind } => *self.outcomes.entry(kind).or_default() += 1,
+                    Line::Outcome { kind, n } => *self.outcomes.entry(kind).or_default() += n,
                     Line::Acked { seq } => {
                         active = true;
                         *self.outcomes.entry("acked".to_owned()).or_default() += 1;

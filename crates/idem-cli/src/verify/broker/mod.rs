@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use idem::{AnyStore, Config, Namespace, State, Store, Token};
-use idem_broker::Outgoing;
+use idem_broker::{BrokerKind, Outgoing};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -46,7 +46,7 @@ use self::log::Tally;
 use self::ops::Producer;
 use self::proxy::Proxy;
 use self::server::{PrivateBroker, Stop};
-use self::spec::{BrokerKind, BrokerSpec, ConsumerSpec, Names, Settings};
+use self::spec::{BrokerSpec, BrokerUrl, ConsumerSpec, Names, Settings};
 use super::Args;
 use super::faults::{Fault, FaultPlan, PerFault};
 use super::ledger::{Snapshot, SqliteLedger, TransactionalLedger};
@@ -55,7 +55,7 @@ use super::report::{
     check,
 };
 use super::workload::Workload;
-use crate::store_url::{OpenOptions, Opened, StoreUrl, redact};
+use crate::store_url::{OpenOptions, Opened, StoreUrl};
 
 /// Defaults of a run through a broker: small enough for well under a minute per broker on the
 /// 2-core development machine, large enough that every fault hits several times.
@@ -63,6 +63,10 @@ const DEFAULT_MESSAGES: u32 = 3_000;
 const DEFAULT_CONSUMERS: usize = 4;
 const DEFAULT_REDELIVERY_MS: u64 = 2_000;
 const DEFAULT_KILL_INTERVAL_MS: u64 = 1_500;
+/// Kafka: every kill is a rebalance of the group (the dead member keeps its partitions for the
+/// session timeout, then everyone rejoins, about 3 s on tansu), so random kills come less often
+/// or the group never settles long enough to consume.
+const DEFAULT_KAFKA_KILL_INTERVAL_MS: u64 = 10_000;
 const DEFAULT_CUT_INTERVAL_MS: u64 = 2_000;
 const DEFAULT_TIMEOUT_S: u64 = 180;
 /// Concurrent publishers.
@@ -82,12 +86,11 @@ pub(crate) enum RestartSignal {
 
 /// Everything the modes of one run share.
 struct Env {
-    kind: BrokerKind,
     /// The broker's own URL (verify's declarations and probes go there directly).
-    url: String,
+    url: BrokerUrl,
     proxy: Proxy,
     /// The broker's URL through the proxy (consumers and producers).
-    proxy_url: String,
+    proxy_url: BrokerUrl,
     private: Option<Arc<Mutex<PrivateBroker>>>,
     workload: Arc<Workload>,
     plan: FaultPlan,
@@ -207,7 +210,7 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
             let b = tokio::task::spawn_blocking(move || PrivateBroker::start(kind, prefetch))
                 .await
                 .context("starting the broker")??;
-            (b.url(), Some(Arc::new(Mutex::new(b))))
+            (BrokerUrl::parse(&b.url())?, Some(Arc::new(Mutex::new(b))))
         }
     };
     let restart_signal = args.restart_signal.map(|s| match s {
@@ -217,17 +220,34 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
     if let (Some(b), Some(stop)) = (&private, restart_signal) {
         b.lock().unwrap_or_else(|e| e.into_inner()).stop = stop;
     }
-    let target = proxy::target(&url).await?;
-    let proxy = Proxy::start(target).await.context("starting the proxy")?;
-    let proxy_url = proxy::via(&url, proxy.addr)?;
+    let target = proxy::target(url.expose()).await?;
+    let advertised = private.as_ref().and_then(|b| {
+        b.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .advertised_port()
+    });
+    let proxy = Proxy::start_on(advertised.unwrap_or(0), target)
+        .await
+        .context("starting the proxy")?;
+    let proxy_url = BrokerUrl::parse(&proxy::via(url.expose(), proxy.addr)?)?;
+    let memory_only = private
+        .as_ref()
+        .is_some_and(|b| !b.lock().unwrap_or_else(|e| e.into_inner()).persistent());
+    if memory_only && args.broker_restarts.is_some_and(|n| n > 0) {
+        bail!(
+            "--broker-restarts: the private {} broker keeps everything in memory, so a restart \
+             would lose what it confirmed; it is never restarted",
+            spec.kind.broker_name()
+        );
+    }
     let restarts = match (&private, args.broker_restarts) {
         (None, _) => 0,
+        (Some(_), _) if memory_only => 0,
         (Some(_), Some(n)) => n,
         (Some(_), None) if args.no_faults => 0,
         (Some(_), None) => 1,
     };
     let env = Env {
-        kind: spec.kind,
         url: url.clone(),
         proxy,
         proxy_url,
@@ -242,7 +262,11 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
         consumers,
         kill_every: ms(
             args.kill_interval_ms,
-            DEFAULT_KILL_INTERVAL_MS,
+            if spec.kind == BrokerKind::Kafka {
+                DEFAULT_KAFKA_KILL_INTERVAL_MS
+            } else {
+                DEFAULT_KILL_INTERVAL_MS
+            },
             args.no_faults,
         ),
         cut_every: ms(
@@ -272,7 +296,7 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
         if spec.url.is_some() {
             // Not our server: leave nothing behind.
             let names = Names::new(&env.run_id, mode);
-            let cleanup = ops::cleanup(env.kind, &env.url, &names, env.consumers);
+            let cleanup = ops::cleanup(&env.url, &names, &env.settings, env.consumers);
             match tokio::time::timeout(Duration::from_secs(30), cleanup).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -299,7 +323,7 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
     };
     let info = BrokerInfo {
         kind: spec.kind.as_str(),
-        url: redact(&url),
+        url: url.to_string(),
         private: env.private.is_some(),
         restart: env
             .private
@@ -307,6 +331,11 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
             .filter(|_| env.restarts > 0)
             .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).stop.name()),
         note: match &env.private {
+            Some(b) if memory_only => format!(
+                "private {}; it keeps everything in memory, so it is not restarted (no broker \
+                 restart in this run: consumer kills, each a rebalance, and connection cuts only)",
+                b.lock().unwrap_or_else(|e| e.into_inner()).describe()
+            ),
             Some(b) => format!(
                 "private {}",
                 b.lock().unwrap_or_else(|e| e.into_inner()).describe()
@@ -396,7 +425,7 @@ async fn run_mode(
     let workload = &env.workload;
     let messages = workload.transfers.len();
     retrying("declaring the queue on the broker", || async {
-        ops::declare(env.kind, &env.url, &names, &env.settings, env.consumers)
+        ops::declare(&env.url, &names, &env.settings, env.consumers)
             .await
             .map_err(anyhow::Error::from)
     })
@@ -425,8 +454,7 @@ async fn run_mode(
         _ => String::new(),
     };
     let spec = ConsumerSpec {
-        kind: env.kind,
-        url: env.proxy_url.clone(),
+        url: env.proxy_url.expose().to_owned(),
         names: names.clone(),
         mode,
         store: store_for_consumers,
@@ -455,7 +483,6 @@ async fn run_mode(
     let deadline = start + env.timeout;
     let counters = Arc::new(ProducerCounters::default());
     let producer = tokio::spawn(produce(
-        env.kind,
         env.proxy_url.clone(),
         names.clone(),
         Arc::clone(workload),
@@ -536,7 +563,7 @@ async fn run_mode(
                 && now >= next_probe
             {
                 next_probe = now + Duration::from_millis(500);
-                match ops::backlog(env.kind, &env.url, &names).await {
+                match ops::backlog(&env.url, &names, &env.settings).await {
                     Ok(Some(0) | None) => break false,
                     Ok(Some(_)) => {}
                     Err(e) => probe_error = Some(format!("{e:#}")),
@@ -545,14 +572,14 @@ async fn run_mode(
         };
         fleet.stop(Duration::from_secs(10)).await;
         tally.read();
-        leftover = match env.kind {
-            BrokerKind::Mqtt => {
-                ops::leftover_mqtt(&env.url, &names, env.consumers, Duration::from_secs(1)).await
-            }
-            _ => ops::backlog(env.kind, &env.url, &names)
-                .await
-                .map(Option::unwrap_or_default),
-        };
+        leftover = ops::leftover(
+            &env.url,
+            &names,
+            &env.settings,
+            env.consumers,
+            Duration::from_secs(1),
+        )
+        .await;
         match &leftover {
             Ok(0) => break timed_out,
             // Something came back late (or the probe failed): consume on, while time lasts.
@@ -728,8 +755,7 @@ struct Produced {
 /// with `PUBLISHERS` producers in parallel; every failed attempt is retried with the same
 /// message until `deadline`.
 async fn produce(
-    kind: BrokerKind,
-    url: String,
+    url: BrokerUrl,
     names: Names,
     workload: Arc<Workload>,
     plan: FaultPlan,
@@ -748,7 +774,7 @@ async fn produce(
         );
         tasks.spawn(async move {
             let producer = retrying("connecting the producer", || async {
-                Producer::connect(kind, &url, &names)
+                Producer::connect(&url, &names)
                     .await
                     .map_err(anyhow::Error::from)
             })

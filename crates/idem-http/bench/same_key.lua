@@ -1,0 +1,19 @@
+-- wrk script: POST the same body with one Idempotency-Key on every request (replays once the
+-- first has completed; send one request first to warm the key).
+-- Usage: wrk -t2 -c64 -d10s -s same_key.lua http://127.0.0.1:8080/echo
+
+function init(args)
+  body = '{"amount":10,"currency":"EUR","to":"acct-42"}'
+end
+
+function request()
+  return wrk.format("POST", nil, {
+    ["Content-Type"] = "application/json",
+    ["x-api-key"] = "bench",
+    ["Idempotency-Key"] = '"replay-1"',
+  }, body)
+end
+
+function done(summary, latency, requests)
+  io.write(string.format("non-2xx-or-3xx: %d\n", summary.errors.status))
+end

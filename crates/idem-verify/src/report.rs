@@ -1,0 +1,680 @@
+//! What a verify run measured, what it concludes, and how it prints it: one [`RunReport`] per mode,
+//! one [`Check`] per mode, a table or one JSON object.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::faults::Fault;
+use crate::ledger::Snapshot;
+use crate::stats::{Stats, Window};
+use crate::workload::Workload;
+
+/// The three modes, in the order they run and print.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeName {
+    /// No deduplication at all.
+    Naive,
+    /// idem's store mode: the effect outside the store.
+    Store,
+    /// idem's transactional mode: the effect and the record in one transaction.
+    Transactional,
+}
+
+impl ModeName {
+    /// The mode's name in the table and the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModeName::Naive => "naive",
+            ModeName::Store => "store",
+            ModeName::Transactional => "transactional",
+        }
+    }
+}
+
+/// Window events by cause.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct WindowEvents {
+    /// A crash aborted a delivery between its effect and its record.
+    pub crashes: u64,
+    /// A pause ended with another consumer having taken over.
+    pub pause_takeovers: u64,
+    /// Other ways an applied effect went unrecorded (a lease lost without a pause, a completion
+    /// that failed after its retries).
+    pub other: u64,
+}
+
+/// The measurements of one mode. The first fields are the issue's; the rest explain them.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// The mode.
+    pub mode: ModeName,
+    /// Transfers in the workload.
+    pub messages: u64,
+    /// Deliveries consumers received, all messages together.
+    pub deliveries: u64,
+    /// Deliveries beyond the first of each message.
+    pub duplicate_deliveries: u64,
+    /// Effect applications that stuck (counted in the ledger, per transfer).
+    pub effects: u64,
+    /// Applications beyond the first, summed over transfers.
+    pub duplicate_effects: u64,
+    /// Transfers never applied.
+    pub lost: u64,
+    /// Window events: effects applied and not recorded when their delivery was interrupted.
+    pub window_events: u64,
+    /// Duplicate effects of messages beyond their own window events, summed: store mode
+    /// promises 0 (every repeat is explained by a window of the same message).
+    pub duplicates_outside_windows: u64,
+    /// Messages per second of wall time, faults, timeouts and tail included.
+    pub msgs_per_s: f64,
+    /// Wall time of the mode, in seconds.
+    pub elapsed_s: f64,
+    /// Published copies not acked when the run ended: 0 unless `--timeout-s` cut it short.
+    pub unacked: u64,
+    /// Every balance equals what the ledger's own application counts imply (no half-applied
+    /// transfer).
+    pub balances_match_effects: bool,
+    /// Every balance equals what the unique transfers imply (exactly once).
+    pub balances_exact: bool,
+    /// The sum of balances is unchanged.
+    pub total_conserved: bool,
+    /// Window events by cause.
+    pub window: WindowEvents,
+    /// Claims that took over an expired lease (store mode).
+    pub takeovers: u64,
+    /// Consumers started again after a crash.
+    pub consumer_restarts: u64,
+    /// Transfers dead-lettered (none should be).
+    pub dead_letters: u64,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Deliveries by outcome (`executed`, `replayed`, `in_progress`, `lease_lost`,
+    /// `store_error`..., `applied` for naive).
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Failures of the harness itself (should be empty).
+    pub errors: Vec<String>,
+    /// The real faults of a run through a broker (`--broker`); absent in the embedded run.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerFaults>,
+}
+
+/// What a run through a real broker did to it, beyond the consumers' own fault points.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct BrokerFaults {
+    /// Times the broker was stopped and started again while the run went on.
+    pub broker_restarts: u64,
+    /// Consumer processes killed with SIGKILL: at random times by `verify`, and by themselves
+    /// at their planned crash points (the `crash_*` faults).
+    pub consumer_kills: u64,
+    /// Of `consumer_kills`, those sent by `verify` at random times.
+    pub random_kills: u64,
+    /// Times every connection through `verify`'s proxy was cut (consumers and producers).
+    pub connection_drops: u64,
+    /// Publishes that failed (connection lost, no confirm) and were tried again with the same
+    /// message id: each may have stored a duplicate.
+    pub producer_retries: u64,
+    /// Publishes the broker confirmed: every original, every planned copy, and every retry
+    /// that the broker took.
+    pub published: u64,
+    /// Copies the broker itself recognised as duplicates and dropped (NATS `Nats-Msg-Id`).
+    pub broker_dropped_duplicates: u64,
+    /// Which of these faults the run had to see at least once (the others were turned off or
+    /// are impossible here, e.g. a broker that is not `verify`'s own cannot be restarted).
+    #[serde(skip)]
+    pub required: RequiredFaults,
+}
+
+/// Broker faults that must have happened for a run to count (see [`BrokerFaults::required`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequiredFaults {
+    /// Consumer processes must have been killed.
+    pub kills: bool,
+    /// The broker must have been restarted.
+    pub restarts: bool,
+    /// Connections must have been cut.
+    pub drops: bool,
+}
+
+/// What a run measured besides the ledger: deliveries, windows, faults, outcomes. The embedded
+/// run takes it from its in-process counters ([`Measured::of`]); a run through a broker reads
+/// it from the consumer processes' logs.
+#[derive(Clone, Debug, Default)]
+pub struct Measured {
+    /// Deliveries consumers received.
+    pub deliveries: u64,
+    /// Deliveries beyond the first of each message.
+    pub duplicate_deliveries: u64,
+    /// Window events by cause.
+    pub window: WindowEvents,
+    /// Window events per message (transfer index), for the message-by-message check.
+    pub windows_by_message: BTreeMap<u32, u32>,
+    /// Claims that took over an expired lease.
+    pub takeovers: u64,
+    /// Consumers started again after a crash.
+    pub consumer_restarts: u64,
+    /// Transfers dead-lettered.
+    pub dead_letters: u64,
+    /// Faults injected, by name.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Deliveries by outcome.
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Failures of the harness itself.
+    pub errors: Vec<String>,
+    /// What a run through a real broker did to it.
+    pub broker: Option<BrokerFaults>,
+}
+
+impl Measured {
+    /// The counters of an embedded run.
+    pub fn of(stats: &Stats) -> Self {
+        let faults = stats.faults.snapshot();
+        Self {
+            deliveries: stats.total_deliveries(),
+            duplicate_deliveries: stats.duplicate_deliveries(),
+            window: WindowEvents {
+                crashes: stats.windows(Window::Crash),
+                pause_takeovers: stats.windows(Window::PauseTakeover),
+                other: stats.windows(Window::Other),
+            },
+            windows_by_message: stats.windows_by_message(),
+            takeovers: stats.takeovers(),
+            consumer_restarts: stats.restarts(),
+            dead_letters: stats.dead_letters(),
+            faults: Fault::ALL
+                .iter()
+                .map(|&f| (f.name(), faults.get(f)))
+                .collect(),
+            outcomes: stats.outcomes(),
+            errors: stats.errors(),
+            broker: None,
+        }
+    }
+}
+
+impl RunReport {
+    /// The report of one mode, from what was measured and what the ledger holds.
+    pub fn new(
+        mode: ModeName,
+        workload: &Workload,
+        measured: Measured,
+        snapshot: &Snapshot,
+        elapsed: Duration,
+        unacked: u64,
+    ) -> Self {
+        let applied = &snapshot.applied;
+        let effects = applied.iter().map(|&a| u64::from(a)).sum();
+        let duplicate_effects = applied
+            .iter()
+            .map(|&a| u64::from(a.saturating_sub(1)))
+            .sum();
+        let lost = applied.iter().filter(|&&a| a == 0).count() as u64;
+        let duplicates_outside_windows = (0u32..)
+            .zip(applied)
+            .map(|(i, &a)| {
+                let windows = measured.windows_by_message.get(&i).copied().unwrap_or(0);
+                u64::from(a.saturating_sub(1).saturating_sub(windows))
+            })
+            .sum();
+        let window = measured.window;
+        let messages = workload.transfers.len() as u64;
+        Self {
+            mode,
+            messages,
+            deliveries: measured.deliveries,
+            duplicate_deliveries: measured.duplicate_deliveries,
+            effects,
+            duplicate_effects,
+            lost,
+            window_events: window.crashes + window.pause_takeovers + window.other,
+            duplicates_outside_windows,
+            msgs_per_s: (messages as f64 / elapsed.as_secs_f64().max(1e-9)).round(),
+            elapsed_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            unacked,
+            balances_match_effects: snapshot.balances
+                == workload.balances(|i| applied.get(i).copied().unwrap_or(0)),
+            balances_exact: snapshot.balances == workload.balances(|_| 1),
+            total_conserved: snapshot.balances.iter().sum::<i64>() == workload.total(),
+            window,
+            takeovers: measured.takeovers,
+            consumer_restarts: measured.consumer_restarts,
+            dead_letters: measured.dead_letters,
+            faults: measured.faults,
+            outcomes: measured.outcomes,
+            errors: measured.errors,
+            broker: measured.broker,
+        }
+    }
+}
+
+/// The verdict on one mode.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// The mode.
+    pub mode: ModeName,
+    /// Whether every check of the mode held.
+    pub ok: bool,
+    /// What held, or what failed.
+    pub detail: String,
+}
+
+/// Judges one mode: what idem promises for it (transactional: exactly once; store: nothing
+/// lost and no duplicate without a window event), and for naive, that the faults did reach it.
+pub fn check(run: &RunReport) -> Check {
+    let mut failures = Vec::new();
+    if run.unacked > 0 {
+        failures.push(format!(
+            "did not finish within --timeout-s ({} messages still unacked)",
+            run.unacked
+        ));
+    }
+    if !run.errors.is_empty() {
+        failures.push(format!("harness errors: {}", run.errors.join("; ")));
+    }
+    if !run.total_conserved {
+        failures.push("the total of balances changed".to_owned());
+    }
+    if !run.balances_match_effects {
+        failures.push(
+            "balances disagree with the applied transfers (a half-applied transfer)".to_owned(),
+        );
+    }
+    if let Some(b) = &run.broker {
+        let required = b.required;
+        if required.kills && b.consumer_kills == 0 {
+            failures.push(
+                "no consumer process was killed: the kill fault did not work (raise \
+                 --messages or lower --kill-interval-ms)"
+                    .to_owned(),
+            );
+        }
+        if required.restarts && b.broker_restarts == 0 {
+            failures
+                .push("the broker was never restarted: the restart fault did not work".to_owned());
+        }
+        if required.drops && b.connection_drops == 0 {
+            failures.push(
+                "no connection was dropped: the connection fault did not work (lower \
+                 --cut-interval-ms)"
+                    .to_owned(),
+            );
+        }
+    }
+    let (dup, lost, win) = (run.duplicate_effects, run.lost, run.window_events);
+    let summary = match run.mode {
+        ModeName::Naive => {
+            if lost > 0 {
+                failures.push(format!(
+                    "{lost} transfers never applied: the harness lost messages"
+                ));
+            }
+            if dup == 0 {
+                failures.push(
+                    "no duplicate effect: the fault injection did not work (raise the fault \
+                     rates or --messages)"
+                        .to_owned(),
+                );
+            }
+            format!("{dup} duplicate effects without idem: the faults reached the consumer")
+        }
+        ModeName::Store => {
+            if lost > 0 {
+                failures.push(format!("{lost} transfers lost"));
+            }
+            if dup > win {
+                failures.push(format!(
+                    "{dup} duplicate effects but only {win} window events: duplicates outside \
+                     store mode's window"
+                ));
+            } else if run.duplicates_outside_windows > 0 {
+                failures.push(format!(
+                    "{} duplicate effects of messages that had no window event of their own",
+                    run.duplicates_outside_windows
+                ));
+            }
+            format!(
+                "0 lost; {dup} duplicate effects <= {win} window events (crashes between the \
+                 effect and `complete`, pauses that ended in a takeover, leases or completions \
+                 lost after the effect), message by message"
+            )
+        }
+        ModeName::Transactional => {
+            if dup > 0 {
+                failures.push(format!("{dup} duplicate effects"));
+            }
+            if lost > 0 {
+                failures.push(format!("{lost} transfers lost"));
+            }
+            if !run.balances_exact {
+                failures.push("balances differ from what the transfers imply".to_owned());
+            }
+            "exactly once: 0 duplicate and 0 lost effects, every balance exact".to_owned()
+        }
+    };
+    let ok = failures.is_empty();
+    Check {
+        mode: run.mode,
+        ok,
+        detail: if ok { summary } else { failures.join("; ") },
+    }
+}
+
+/// The whole run, as `--json` prints it.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Every mode's checks held.
+    pub ok: bool,
+    /// The seed of the workload and of every fault decision.
+    pub seed: u64,
+    /// Transfers per mode.
+    pub messages: u64,
+    /// Accounts of the ledger.
+    pub accounts: u32,
+    /// Competing consumers (consumer processes with a broker).
+    pub consumers: usize,
+    /// The store (its URL, password redacted).
+    pub store: String,
+    /// The default store: a file in a temporary directory, gone when `verify` exits.
+    #[serde(skip)]
+    pub temporary_store: bool,
+    /// One report per mode, in the order they ran.
+    pub runs: Vec<RunReport>,
+    /// One verdict per mode.
+    pub checks: Vec<Check>,
+    /// Modes that could not run on this store, with the reason.
+    pub skipped: Vec<String>,
+    /// The broker of a `--broker` run; absent in the embedded run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerInfo>,
+}
+
+/// Which broker a `--broker` run went through, and what could be done to it.
+#[derive(Clone, Debug, Serialize)]
+pub struct BrokerInfo {
+    /// `amqp`, `nats`, `mqtt` or `redis`.
+    pub kind: &'static str,
+    /// The broker's URL (password redacted).
+    pub url: String,
+    /// Whether `verify` started the broker itself (a private instance on a free port).
+    pub private: bool,
+    /// How the broker was restarted (`SIGKILL`, `SIGTERM`), or `null` when it could not be.
+    pub restart: Option<&'static str>,
+    /// What a reader should know: why no restart was possible, what the restart loses.
+    pub note: String,
+    /// Consumer processes per mode.
+    pub consumer_processes: usize,
+    /// Broker restarts, over the modes.
+    pub broker_restarts: u64,
+    /// Consumer processes killed, over the modes.
+    pub consumer_kills: u64,
+    /// Connection cuts, over the modes.
+    pub connection_drops: u64,
+}
+
+impl Report {
+    /// The human-readable form: the table, the faults injected, the checks, the verdict.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "idem verify: {} transfers between {} accounts, {} consumers, seed {}, store {}{}\n",
+            self.messages,
+            self.accounts,
+            self.consumers,
+            self.seed,
+            self.store,
+            if self.temporary_store {
+                " (temporary)"
+            } else {
+                ""
+            }
+        );
+        if let Some(b) = &self.broker {
+            let restart = b.restart.map_or_else(
+                || "no restarts".to_owned(),
+                |how| format!("restarted with {how}"),
+            );
+            let _ = writeln!(
+                out,
+                "broker: {} {} ({}, {}); {} consumer processes per mode\n{}\n",
+                b.kind,
+                b.url,
+                if b.private {
+                    "private instance"
+                } else {
+                    "given server"
+                },
+                restart,
+                b.consumer_processes,
+                b.note
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{:<13} {:>9} {:>10} {:>11} {:>9} {:>11} {:>6} {:>7} {:>9}",
+            "mode",
+            "messages",
+            "deliveries",
+            "dup deliv.",
+            "effects",
+            "dup effects",
+            "lost",
+            "window",
+            "msgs/s"
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                out,
+                "{:<13} {:>9} {:>10} {:>11} {:>9} {:>11} {:>6} {:>7} {:>9.0}",
+                r.mode.as_str(),
+                r.messages,
+                r.deliveries,
+                r.duplicate_deliveries,
+                r.effects,
+                r.duplicate_effects,
+                r.lost,
+                r.window_events,
+                r.msgs_per_s
+            );
+        }
+        let _ = writeln!(out, "\nfaults injected:");
+        // A run through a broker has no simulated lost acks, pauses...: only the faults some
+        // run knows get a column.
+        let faults: Vec<Fault> = Fault::ALL
+            .into_iter()
+            .filter(|f| self.runs.iter().any(|r| r.faults.contains_key(f.name())))
+            .collect();
+        let _ = write!(out, "{:<13}", "mode");
+        for f in &faults {
+            let _ = write!(out, " {:>w$}", f.header(), w = f.header().len().max(5));
+        }
+        let _ = writeln!(out);
+        for r in &self.runs {
+            let _ = write!(out, "{:<13}", r.mode.as_str());
+            for f in &faults {
+                let n = r.faults.get(f.name()).copied().unwrap_or(0);
+                let _ = write!(out, " {:>w$}", n, w = f.header().len().max(5));
+            }
+            let _ = writeln!(out);
+        }
+        if self.runs.iter().any(|r| r.broker.is_some()) {
+            let _ = writeln!(
+                out,
+                "\nbroker faults:\n{:<13} {:>14} {:>12} {:>16} {:>15} {:>16} {:>9} {:>14}",
+                "mode",
+                "consumer kills",
+                "random kills",
+                "connection drops",
+                "broker restarts",
+                "producer retries",
+                "published",
+                "broker dropped"
+            );
+            for r in &self.runs {
+                if let Some(b) = &r.broker {
+                    let _ = writeln!(
+                        out,
+                        "{:<13} {:>14} {:>12} {:>16} {:>15} {:>16} {:>9} {:>14}",
+                        r.mode.as_str(),
+                        b.consumer_kills,
+                        b.random_kills,
+                        b.connection_drops,
+                        b.broker_restarts,
+                        b.producer_retries,
+                        b.published,
+                        b.broker_dropped_duplicates
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out, "\nchecks:");
+        for c in &self.checks {
+            let mark = if c.ok { "ok  " } else { "FAIL" };
+            let _ = writeln!(out, "  {mark} {:<13} {}", c.mode.as_str(), c.detail);
+        }
+        for s in &self.skipped {
+            let _ = writeln!(out, "  skip {s}");
+        }
+        let _ = writeln!(
+            out,
+            "\n{}",
+            if self.ok {
+                "verdict: OK (exactly once where idem promises it)"
+            } else {
+                "verdict: FAILED"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "window = window events: an effect applied and not recorded when its consumer \
+             crashed, paused past its lease or lost it. Reproduce with --seed {}.",
+            self.seed
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(mode: ModeName, dup: u64, lost: u64, window: u64) -> RunReport {
+        RunReport {
+            mode,
+            messages: 100,
+            deliveries: 120,
+            duplicate_deliveries: 20,
+            effects: 100 - lost + dup,
+            duplicate_effects: dup,
+            lost,
+            window_events: window,
+            duplicates_outside_windows: dup.saturating_sub(window),
+            msgs_per_s: 1.0,
+            elapsed_s: 1.0,
+            unacked: 0,
+            balances_match_effects: true,
+            balances_exact: dup == 0 && lost == 0,
+            total_conserved: true,
+            window: WindowEvents {
+                crashes: window,
+                pause_takeovers: 0,
+                other: 0,
+            },
+            takeovers: 0,
+            consumer_restarts: 0,
+            dead_letters: 0,
+            faults: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+            errors: Vec::new(),
+            broker: None,
+        }
+    }
+
+    #[test]
+    fn transactional_must_be_exactly_once() {
+        assert!(check(&run(ModeName::Transactional, 0, 0, 0)).ok);
+        assert!(!check(&run(ModeName::Transactional, 1, 0, 0)).ok);
+        assert!(!check(&run(ModeName::Transactional, 0, 1, 0)).ok);
+    }
+
+    #[test]
+    fn store_duplicates_need_window_events() {
+        assert!(check(&run(ModeName::Store, 3, 0, 3)).ok);
+        assert!(check(&run(ModeName::Store, 0, 0, 3)).ok);
+        let c = check(&run(ModeName::Store, 4, 0, 3));
+        assert!(
+            !c.ok && c.detail.contains("only 3 window events"),
+            "{}",
+            c.detail
+        );
+        assert!(!check(&run(ModeName::Store, 0, 1, 0)).ok);
+        // The totals agree, but one message was repeated without a window of its own.
+        let mut r = run(ModeName::Store, 3, 0, 3);
+        r.duplicates_outside_windows = 1;
+        let c = check(&r);
+        assert!(
+            !c.ok && c.detail.contains("no window event of their own"),
+            "{}",
+            c.detail
+        );
+    }
+
+    #[test]
+    fn naive_without_duplicates_means_no_faults_reached_it() {
+        assert!(check(&run(ModeName::Naive, 5, 0, 0)).ok);
+        let c = check(&run(ModeName::Naive, 0, 0, 0));
+        assert!(!c.ok && c.detail.contains("fault injection did not work"));
+    }
+
+    #[test]
+    fn a_broker_run_fails_when_a_required_fault_never_happened() {
+        let with = |kills, restarts, drops, required| {
+            let mut r = run(ModeName::Store, 0, 0, 0);
+            r.broker = Some(BrokerFaults {
+                broker_restarts: restarts,
+                consumer_kills: kills,
+                connection_drops: drops,
+                required,
+                ..BrokerFaults::default()
+            });
+            check(&r)
+        };
+        let all = RequiredFaults {
+            kills: true,
+            restarts: true,
+            drops: true,
+        };
+        assert!(with(3, 1, 2, all).ok);
+        let c = with(0, 1, 2, all);
+        assert!(!c.ok && c.detail.contains("no consumer process was killed"));
+        let c = with(3, 0, 2, all);
+        assert!(
+            !c.ok && c.detail.contains("never restarted"),
+            "{}",
+            c.detail
+        );
+        assert!(!with(3, 1, 0, all).ok);
+        // A given server cannot be restarted: not required, not failed.
+        let given = RequiredFaults {
+            restarts: false,
+            ..all
+        };
+        assert!(with(3, 0, 2, given).ok);
+    }
+
+    #[test]
+    fn broken_ledgers_and_unfinished_runs_fail() {
+        let mut r = run(ModeName::Store, 0, 0, 0);
+        r.total_conserved = false;
+        assert!(!check(&r).ok);
+        let mut r = run(ModeName::Store, 0, 0, 0);
+        r.unacked = 3;
+        assert!(!check(&r).ok);
+        let mut r = run(ModeName::Transactional, 0, 0, 0);
+        r.balances_match_effects = false;
+        assert!(!check(&r).ok);
+    }
+}
