@@ -26,6 +26,7 @@ pub struct Outgoing {
     id: Arc<str>,
     payload: Bytes,
     headers: Vec<(String, String)>,
+    key: Option<Arc<str>>,
 }
 
 impl Outgoing {
@@ -40,6 +41,7 @@ impl Outgoing {
             id: id.into(),
             payload: payload.into(),
             headers: Vec::new(),
+            key: None,
         }
     }
 
@@ -48,6 +50,21 @@ impl Outgoing {
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
+    }
+
+    /// Sets the message's ordering key. Kafka sends it as the record key, which picks the
+    /// partition: the messages of one key land in one partition, in the order they were
+    /// produced, and a consumer with [`Order::PerKey`](crate::kafka::Order) runs them in
+    /// that order. The other adapters do not send it (add a header if consumers need it).
+    #[must_use]
+    pub fn with_key(mut self, key: impl Into<Arc<str>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The ordering key, if any (see [`with_key`](Outgoing::with_key)).
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     /// The message id.

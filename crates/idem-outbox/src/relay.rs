@@ -437,7 +437,9 @@ impl Relay {
                     msg = msg.with_header(name, value);
                 }
                 if let Some(k) = &c.key {
-                    msg = msg.with_header(ORDERING_KEY_HEADER, k.as_str());
+                    msg = msg
+                        .with_header(ORDERING_KEY_HEADER, k.as_str())
+                        .with_key(k.as_str());
                 }
                 let result = match tokio::time::timeout(
                     timeout,

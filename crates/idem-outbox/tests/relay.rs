@@ -496,3 +496,140 @@ async fn nats_dedups_a_republish() {
     let _ = js.delete_stream(format!("{stream}_DLQ")).await;
     ob.drop_table().await;
 }
+
+/// Kafka (`IDEM_KAFKA_URL`, default the tansu `.ci/run` starts): a row's ordering key is the
+/// record key, so one key's messages land in one partition, in enqueue order; rows whose marks
+/// were lost are produced again with the same message ids (Kafka stores them twice: the
+/// consumer's idem recognises them), into the same partitions.
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_keys_pick_the_partition_and_republishes_keep_their_ids() {
+    use idem_broker::kafka::admin::KafkaAdmin;
+    use idem_broker::kafka::{KafkaConfig, KafkaSource, position};
+    use idem_broker::{Acker, Admin, Message, Source};
+
+    /// (message id, key, sequence number, partition, offset) of `n` records.
+    async fn read(source: &mut KafkaSource, n: usize) -> Vec<(String, String, u32, i32, i64)> {
+        let acker = source.acker();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let batch = tokio::time::timeout(Duration::from_secs(60), source.receive(n))
+                .await
+                .expect("records within 60 s")
+                .unwrap();
+            let mut deliveries = Vec::new();
+            for i in batch {
+                let m: &Message = &i.message;
+                let t = text(m);
+                let (key, seq) = t.split_once(' ').unwrap();
+                let (partition, offset) = position(m).unwrap();
+                assert_eq!(
+                    m.header(idem_outbox::ORDERING_KEY_HEADER),
+                    Some(key.as_bytes())
+                );
+                out.push((
+                    m.message_id().unwrap().to_owned(),
+                    key.to_owned(),
+                    seq.parse().unwrap(),
+                    partition,
+                    offset,
+                ));
+                deliveries.push(i.delivery);
+            }
+            acker.ack(deliveries).await.unwrap();
+        }
+        out
+    }
+
+    /// Each key on one partition, its records in sequence order by offset; the partitions.
+    fn partitions_by_key(got: &[(String, String, u32, i32, i64)]) -> HashMap<String, i32> {
+        let mut by_key: HashMap<String, Vec<(i32, i64, u32)>> = HashMap::new();
+        for (_, key, seq, partition, offset) in got {
+            by_key
+                .entry(key.clone())
+                .or_default()
+                .push((*partition, *offset, *seq));
+        }
+        by_key
+            .into_iter()
+            .map(|(key, mut records)| {
+                let partition = records[0].0;
+                assert!(
+                    records.iter().all(|r| r.0 == partition),
+                    "key {key} spread over partitions: {records:?}"
+                );
+                records.sort_unstable();
+                let seqs: Vec<u32> = records.iter().map(|r| r.2).collect();
+                let want: Vec<u32> = (0..seqs.len() as u32).collect();
+                assert_eq!(seqs, want, "key {key}: offsets out of enqueue order");
+                (key, partition)
+            })
+            .collect()
+    }
+
+    let Some(ob) = Outbox::new(DbKind::Postgres).await else {
+        return;
+    };
+    let Some(kafka) = idem_conformance::server::url(("IDEM_KAFKA_URL", "kafka://127.0.0.1:19092"))
+    else {
+        return;
+    };
+    const KEYS: u32 = 6;
+    const PER_KEY: u32 = 10;
+    let total = (KEYS * PER_KEY) as usize;
+    let topic = common::unique("obk");
+    let config = KafkaConfig::new(topic.as_str(), format!("{topic}.g"))
+        .partitions(3)
+        .position_headers(true);
+    let mut source = KafkaSource::connect(&kafka, config.clone()).await.unwrap();
+    let mut ids = HashSet::new();
+    for seq in 0..PER_KEY {
+        let batch: Vec<NewMessage> = (0..KEYS)
+            .map(|k| {
+                NewMessage::new(topic.as_str(), format!("k{k} {seq}").into_bytes())
+                    .with_key(format!("k{k}"))
+            })
+            .collect();
+        ids.extend(batch.iter().map(|m| m.id().to_owned()));
+        enqueue_tx(&ob, &batch, true).await;
+    }
+    let first = RelayTask::spawn(ob.config(&kafka));
+    let got = read(&mut source, total).await;
+    let s1 = first.stop().await;
+    assert_eq!(s1.published, total as u64, "{s1:?}");
+    let got_ids: HashSet<String> = got.iter().map(|r| r.0.clone()).collect();
+    assert_eq!((got.len(), &got_ids), (total, &ids), "each row once");
+    let placed = partitions_by_key(&got);
+    let used: HashSet<i32> = placed.values().copied().collect();
+    assert!(used.len() > 1, "six keys on one partition: {placed:?}");
+
+    // Lose the marks: the rows are pending again, as after a relay killed before marking.
+    let (client, conn) = tokio_postgres::connect(ob.url.expose(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            &format!(
+                "UPDATE \"{}\" SET state = 0, sent_ms = NULL, available_ms = 0",
+                ob.table.name()
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let second = RelayTask::spawn(ob.config(&kafka));
+    let again = read(&mut source, total).await;
+    let s2 = second.stop().await;
+    assert_eq!(s2.published, total as u64, "{s2:?}");
+    let again_ids: HashSet<String> = again.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(again_ids, ids, "republished with the same message ids");
+    assert_eq!(partitions_by_key(&again), placed, "same partition per key");
+    let extra = tokio::time::timeout(Duration::from_millis(1500), source.receive(10)).await;
+    assert!(extra.is_err(), "more records than rows");
+    source.close().await;
+    let admin = KafkaAdmin::connect(&kafka, config).await.unwrap();
+    admin.cleanup().await.unwrap();
+    admin.close().await;
+    ob.drop_table().await;
+}

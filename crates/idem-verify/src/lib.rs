@@ -64,8 +64,8 @@ pub use crate::ledger::{
 #[cfg(feature = "sqlite")]
 pub use crate::ledger::{SqliteLedger, apply_in_transaction};
 pub use crate::report::{
-    BrokerFaults, BrokerInfo, Check, Measured, ModeName, Report, RequiredFaults, RunReport,
-    WindowEvents, check,
+    BrokerFaults, BrokerInfo, Check, Measured, ModeName, OutboxFaults, Report, RequiredFaults,
+    RunReport, WindowEvents, check,
 };
 pub use crate::stats::{Stats, Window};
 pub use crate::workload::{INITIAL_BALANCE, Transfer, Workload};

@@ -122,10 +122,33 @@ pub struct BrokerFaults {
     pub published: u64,
     /// Copies the broker itself recognised as duplicates and dropped (NATS `Nats-Msg-Id`).
     pub broker_dropped_duplicates: u64,
+    /// With `--outbox`: what the producer transactions and the relay processes went through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxFaults>,
     /// Which of these faults the run had to see at least once (the others were turned off or
     /// are impossible here, e.g. a broker that is not `verify`'s own cannot be restarted).
     #[serde(skip)]
     pub required: RequiredFaults,
+}
+
+/// A run fed through the transactional outbox (`--outbox`): the producer commits each
+/// transfer's message in a transaction with a business row; relay processes publish the rows.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct OutboxFaults {
+    /// Relay processes per mode.
+    pub relays: usize,
+    /// Producer transactions committed (one transfer each).
+    pub committed: u64,
+    /// Producer transactions rolled back (their message must never be published) before the
+    /// transfer was committed again.
+    pub rolled_back: u64,
+    /// Relay processes killed with SIGKILL at random times (rows claimed or published and
+    /// not yet marked sent go out again, with the same message ids, after the lease).
+    pub relay_kills: u64,
+    /// Rows the relays published and marked sent, as the table counts them.
+    pub sent: u64,
+    /// Rows left pending or dead at the end (must be 0).
+    pub left: u64,
 }
 
 /// Broker faults that must have happened for a run to count (see [`BrokerFaults::required`]).
@@ -301,6 +324,21 @@ pub fn check(run: &RunReport) -> Check {
                  --cut-interval-ms)"
                     .to_owned(),
             );
+        }
+        if let Some(o) = &b.outbox {
+            if required.kills && o.relay_kills == 0 {
+                failures.push(
+                    "no relay process was killed: the kill fault did not work (raise \
+                     --messages or lower --kill-interval-ms)"
+                        .to_owned(),
+                );
+            }
+            if o.left > 0 {
+                failures.push(format!(
+                    "{} outbox rows were never published and marked sent",
+                    o.left
+                ));
+            }
         }
     }
     let (dup, lost, win) = (run.duplicate_effects, run.lost, run.window_events);
@@ -515,6 +553,14 @@ impl Report {
             );
             for r in &self.runs {
                 if let Some(b) = &r.broker {
+                    // Through the outbox the relays publish: see the outbox table below.
+                    let producer = |n: u64| {
+                        if b.outbox.is_some() {
+                            "-".to_owned()
+                        } else {
+                            n.to_string()
+                        }
+                    };
                     let _ = writeln!(
                         out,
                         "{:<13} {:>14} {:>12} {:>16} {:>15} {:>16} {:>9} {:>14}",
@@ -523,9 +569,35 @@ impl Report {
                         b.random_kills,
                         b.connection_drops,
                         b.broker_restarts,
-                        b.producer_retries,
-                        b.published,
-                        b.broker_dropped_duplicates
+                        producer(b.producer_retries),
+                        producer(b.published),
+                        producer(b.broker_dropped_duplicates)
+                    );
+                }
+            }
+        }
+        if self
+            .runs
+            .iter()
+            .any(|r| r.broker.as_ref().is_some_and(|b| b.outbox.is_some()))
+        {
+            let _ = writeln!(
+                out,
+                "\noutbox:\n{:<13} {:>6} {:>9} {:>11} {:>11} {:>6} {:>4}",
+                "mode", "relays", "committed", "rolled back", "relay kills", "sent", "left"
+            );
+            for r in &self.runs {
+                if let Some(o) = r.broker.as_ref().and_then(|b| b.outbox.as_ref()) {
+                    let _ = writeln!(
+                        out,
+                        "{:<13} {:>6} {:>9} {:>11} {:>11} {:>6} {:>4}",
+                        r.mode.as_str(),
+                        o.relays,
+                        o.committed,
+                        o.rolled_back,
+                        o.relay_kills,
+                        o.sent,
+                        o.left
                     );
                 }
             }
@@ -663,6 +735,39 @@ mod tests {
             ..all
         };
         assert!(with(3, 0, 2, given).ok);
+    }
+
+    #[test]
+    fn an_outbox_run_needs_relay_kills_and_every_row_sent() {
+        let with = |relay_kills, left| {
+            let mut r = run(ModeName::Transactional, 0, 0, 0);
+            r.broker = Some(BrokerFaults {
+                consumer_kills: 2,
+                outbox: Some(OutboxFaults {
+                    relays: 2,
+                    committed: 100,
+                    relay_kills,
+                    sent: 100 - left,
+                    left,
+                    ..OutboxFaults::default()
+                }),
+                required: RequiredFaults {
+                    kills: true,
+                    ..RequiredFaults::default()
+                },
+                ..BrokerFaults::default()
+            });
+            check(&r)
+        };
+        assert!(with(1, 0).ok);
+        let c = with(0, 0);
+        assert!(!c.ok && c.detail.contains("no relay process was killed"));
+        let c = with(1, 2);
+        assert!(
+            !c.ok && c.detail.contains("2 outbox rows were never published"),
+            "{}",
+            c.detail
+        );
     }
 
     #[test]

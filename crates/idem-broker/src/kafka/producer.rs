@@ -84,8 +84,9 @@ impl KafkaProducer {
         self
     }
 
-    /// Produces `message` to `topic` without a record key (the partitioner spreads such
-    /// records over the partitions), retrying with the same message id.
+    /// Produces `message` to `topic` with its [ordering key](Outgoing::with_key) as the record
+    /// key; without one the partitioner spreads the records over the partitions. Retries with
+    /// the same message id.
     ///
     /// # Errors
     /// The last attempt's error.
@@ -94,7 +95,8 @@ impl KafkaProducer {
     }
 
     /// Produces `message` to `topic` with the record key `key` (which picks the partition,
-    /// and orders the records of one key for the consumer), retrying with the same message id.
+    /// and orders the records of one key for the consumer; it wins over the message's own
+    /// ordering key), retrying with the same message id.
     ///
     /// # Errors
     /// The last attempt's error.
@@ -109,8 +111,9 @@ impl KafkaProducer {
             .await
     }
 
-    /// One produce without a record key, without retries of its own (librdkafka's idempotent
-    /// retries within its delivery timeout still apply).
+    /// One produce (record key: the message's [ordering key](Outgoing::with_key), if any),
+    /// without retries of its own (librdkafka's idempotent retries within its delivery timeout
+    /// still apply).
     ///
     /// # Errors
     /// As [`publish`](KafkaProducer::publish).
@@ -155,7 +158,7 @@ impl KafkaProducer {
         let mut record = FutureRecord::<[u8], [u8]>::to(topic)
             .payload(&message.payload()[..])
             .headers(headers);
-        if let Some(k) = key {
+        if let Some(k) = key.or_else(|| message.key().map(str::as_bytes)) {
             record = record.key(k);
         }
         match self.producer.send(record, Duration::from_secs(5)).await {

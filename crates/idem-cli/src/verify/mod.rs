@@ -96,6 +96,12 @@ pub(crate) struct Args {
     /// [default: 2000].
     #[arg(long, value_name = "MS")]
     cut_interval_ms: Option<u64>,
+    /// With --broker: feed the transfers through the transactional outbox instead of a
+    /// producer: each message is committed with a business row in a SQLite transaction (a
+    /// share rolled back first), and relay processes (`idem relay`), SIGKILLed at random like
+    /// the consumers, publish them through the same cuts and broker restarts.
+    #[arg(long)]
+    outbox: bool,
     /// With --broker: restarts of a private broker per mode [default: 1].
     #[arg(long, value_name = "N")]
     broker_restarts: Option<u32>,
@@ -207,6 +213,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         (args.cut_interval_ms.is_some(), "--cut-interval-ms"),
         (args.broker_restarts.is_some(), "--broker-restarts"),
         (args.restart_signal.is_some(), "--restart-signal"),
+        (args.outbox, "--outbox"),
     ] {
         ensure!(!given, "{flag} needs --broker");
     }

@@ -22,6 +22,7 @@ mod child;
 mod fleet;
 mod log;
 mod ops;
+mod outbox;
 mod proxy;
 mod server;
 mod spec;
@@ -51,8 +52,8 @@ use super::Args;
 use super::faults::{Fault, FaultPlan, PerFault};
 use super::ledger::{Snapshot, SqliteLedger, TransactionalLedger};
 use super::report::{
-    BrokerFaults, BrokerInfo, Measured, ModeName, Report, RequiredFaults, RunReport, WindowEvents,
-    check,
+    BrokerFaults, BrokerInfo, Measured, ModeName, OutboxFaults, Report, RequiredFaults, RunReport,
+    WindowEvents, check,
 };
 use super::workload::Workload;
 use crate::store_url::{OpenOptions, Opened, StoreUrl};
@@ -105,6 +106,8 @@ struct Env {
     cut_every: Option<Duration>,
     restarts: u32,
     timeout: Duration,
+    /// `--outbox`: the transfers go through the transactional outbox and relay processes.
+    outbox: bool,
 }
 
 impl Env {
@@ -276,6 +279,7 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
         ),
         restarts,
         timeout: Duration::from_secs(args.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S)),
+        outbox: args.outbox,
     };
 
     let sqlite = match &opened {
@@ -482,14 +486,30 @@ async fn run_mode(
     let start = Instant::now();
     let deadline = start + env.timeout;
     let counters = Arc::new(ProducerCounters::default());
-    let producer = tokio::spawn(produce(
-        env.proxy_url.clone(),
-        names.clone(),
-        Arc::clone(workload),
-        env.plan.clone(),
-        deadline,
-        Arc::clone(&counters),
-    ));
+    let (producer, feed, mut relays) = if env.outbox {
+        let feed =
+            outbox::Feed::create(&env.dir, mode.as_str(), names.destination(env.url.kind()))?;
+        let relays = outbox::Relays::start(
+            &feed,
+            env.proxy_url.expose(),
+            &env.dir,
+            mode.as_str(),
+            outbox::RELAYS,
+            mode_seed ^ 0x5eed,
+        )?;
+        let producer = tokio::spawn(feed.produce(Arc::clone(workload), mode_seed, deadline));
+        (producer, Some(feed), Some(relays))
+    } else {
+        let producer = tokio::spawn(produce(
+            env.proxy_url.clone(),
+            names.clone(),
+            Arc::clone(workload),
+            env.plan.clone(),
+            deadline,
+            Arc::clone(&counters),
+        ));
+        (producer, None, None)
+    };
     let mut rng = fastrand::Rng::with_seed(mode_seed);
     let mut next_kill = env.kill_every.map(|m| start + exp(&mut rng, m));
     let mut next_cut = env.cut_every.map(|m| start + exp(&mut rng, m));
@@ -506,6 +526,9 @@ async fn run_mode(
         let timed_out = loop {
             tokio::time::sleep(TICK).await;
             fleet.poll(&mut tally)?;
+            if let Some(r) = &mut relays {
+                r.poll()?;
+            }
             tally.read();
             let now = Instant::now();
             if now >= deadline {
@@ -523,7 +546,22 @@ async fn run_mode(
             if env.kill_every.is_some() {
                 let forced = fleet.random_kills == 0 && (progress >= 0.5 || !work_left);
                 let due = work_left && next_kill.is_some_and(|t| now >= t);
-                if (forced || due) && fleet.kill_random() {
+                // With the outbox, a relay is killed once a quarter of the transfers is
+                // committed (the relays are busy then), and random kills hit relays or
+                // consumers.
+                let relay_forced = match (&relays, &feed) {
+                    (Some(r), Some(f)) => {
+                        r.kills == 0
+                            && f.counters.committed.load(Ordering::Relaxed) * 4 >= messages as u64
+                    }
+                    _ => false,
+                };
+                let killed = match relays.as_mut() {
+                    Some(r) if relay_forced => r.kill_random(),
+                    Some(r) if due && !forced && rng.bool() => r.kill_random(),
+                    _ => (forced || due) && fleet.kill_random(),
+                };
+                if killed && (forced || due) {
                     next_kill = env.kill_every.map(|m| now + exp(&mut rng, m));
                 }
             }
@@ -554,6 +592,7 @@ async fn run_mode(
             let faults_done = restarting.is_none()
                 && restarts >= u64::from(env.restarts)
                 && (env.kill_every.is_none() || fleet.random_kills > 0)
+                && (env.kill_every.is_none() || relays.as_ref().is_none_or(|r| r.kills > 0))
                 && (env.cut_every.is_none() || drops > 0);
             let last = tally.last_activity.max(fleet.last_event).max(last_cut);
             if !work_left
@@ -591,6 +630,9 @@ async fn run_mode(
         }
     };
     status.finish();
+    if let Some(r) = &mut relays {
+        r.stop(Duration::from_secs(5)).await;
+    }
     if let Some(task) = restarting.take() {
         task.abort();
     }
@@ -603,6 +645,27 @@ async fn run_mode(
     let mut errors = Vec::new();
     errors.extend(produced.errors);
     errors.extend(fleet.errors.iter().cloned());
+    let outbox = match (&feed, &relays) {
+        (Some(feed), Some(r)) => {
+            errors.extend(r.errors.iter().cloned());
+            let (sent, left) = match feed.counts().await {
+                Ok(counts) => counts,
+                Err(e) => {
+                    errors.push(format!("reading the outbox at the end: {e:#}"));
+                    (0, 0)
+                }
+            };
+            Some(OutboxFaults {
+                relays: outbox::RELAYS,
+                committed: feed.counters.committed.load(Ordering::Relaxed),
+                rolled_back: feed.counters.rolled_back.load(Ordering::Relaxed),
+                relay_kills: r.kills,
+                sent,
+                left,
+            })
+        }
+        _ => None,
+    };
     errors.extend(tally.errors.iter().cloned());
     let leftover = match leftover {
         Ok(n) => n,
@@ -724,6 +787,7 @@ async fn run_mode(
             producer_retries: counters.retries.load(Ordering::Relaxed),
             published: counters.published.load(Ordering::Relaxed),
             broker_dropped_duplicates: counters.dropped.load(Ordering::Relaxed),
+            outbox,
             required: RequiredFaults {
                 kills: env.kill_every.is_some(),
                 restarts: env.restarts > 0,
