@@ -4,7 +4,7 @@
 //! ```sh
 //! cargo run --release -p idem-broker --features amqp,nats --example bench_consume -- \
 //!     [--messages 20000] [--rounds 3] [--broker amqp|nats|all] [--batch 64] [--concurrency 4] \
-//!     [--stores memory,sqlite,redis] [--extras true|false]
+//!     [--stores memory,sqlite,redis] [--extras true|false] [--processes 1,2,4,8]
 //! ```
 //!
 //! For each broker and round, a fresh queue (or stream) is filled with `--messages` 64-byte
@@ -31,6 +31,13 @@
 //! - `idem-sqlite-tx` / `idem-postgres-tx`: [`Consumer::transactional`], whose handler inserts
 //!   one row per message in the transaction that records it (so it does more than the no-op
 //!   handlers above: the effect itself).
+//!
+//! - with `--processes N,...` (for `sqlite` and `redis`, whose store processes can share): the
+//!   same drain by N **consumer processes** (this example started again as children), all on
+//!   one queue and one store (one SQLite file; one Redis key prefix), each with `--batch` and
+//!   `--concurrency`: mode `idem-<store>-pN`. The children connect, then start together; the
+//!   clock runs from that start to the last ack any of them reports, and the parent checks
+//!   that the children executed each message exactly once between them.
 //!
 //! The clock starts once connected (the queue full) and stops when the last message is acked.
 //! To profile one mode's drain only (system-wide, the broker included):
@@ -76,6 +83,12 @@ struct Args {
     concurrency: usize,
     stores: Vec<String>,
     extras: bool,
+    /// Consumer process counts for the multi-process drains (empty: none).
+    processes: Vec<usize>,
+    /// A child of a multi-process drain: the queue or stream it consumes.
+    child_target: Option<String>,
+    /// A child's store: a SQLite path, or a Redis key prefix.
+    child_store: Option<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -87,6 +100,9 @@ fn args() -> anyhow::Result<Args> {
         concurrency: 4,
         stores: vec!["memory".into(), "sqlite".into(), "redis".into()],
         extras: true,
+        processes: Vec::new(),
+        child_target: None,
+        child_store: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -98,6 +114,11 @@ fn args() -> anyhow::Result<Args> {
             "--concurrency" => args.concurrency = value.parse()?,
             "--stores" => args.stores = value.split(',').map(str::to_owned).collect(),
             "--extras" => args.extras = value.parse()?,
+            "--processes" => {
+                args.processes = value.split(',').map(str::parse).collect::<Result<_, _>>()?;
+            }
+            "--child-target" => args.child_target = Some(value),
+            "--child-store" => args.child_store = Some(value),
             "--broker" => {
                 args.brokers = match value.as_str() {
                     "amqp" | "rabbitmq" => vec![Broker::Amqp],
@@ -137,6 +158,9 @@ fn print(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
+    if args.child_target.is_some() {
+        return child(&args).await;
+    }
     let amqp = std::env::var("IDEM_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
     let nats =
@@ -261,6 +285,33 @@ async fn main() -> anyhow::Result<()> {
                 cleanup(broker, url, &target).await;
                 let mode = format!("idem-{store}");
                 print(broker, round, &mode, n, elapsed, Some(raw_rate));
+                if !matches!(store.as_str(), "sqlite" | "redis") {
+                    continue;
+                }
+                for &processes in &args.processes {
+                    let target =
+                        fill(broker, url, &format!("{name}-{store}-p{processes}"), n).await?;
+                    let dir = tempfile::tempdir()?;
+                    let shared = match store.as_str() {
+                        "sqlite" => dir.path().join("bench.db").display().to_string(),
+                        _ => format!("{name}-p{processes}:"),
+                    };
+                    if store == "sqlite" {
+                        // Created (and migrated) once, before the children open it.
+                        drop(SqliteStore::open(&shared)?);
+                    }
+                    let elapsed = multi(broker, &target, store, &shared, processes, &args).await;
+                    if store == "redis" {
+                        let cleaner = RedisStore::builder(redis.as_str())
+                            .prefix(shared.as_str())
+                            .connect()
+                            .await?;
+                        delete_prefix(&cleaner, &shared).await?;
+                    }
+                    cleanup(broker, url, &target).await;
+                    let mode = format!("idem-{store}-p{processes}");
+                    print(broker, round, &mode, n, elapsed?, Some(raw_rate));
+                }
             }
         }
     }
@@ -658,6 +709,9 @@ async fn drain<Src: Source, P: idem_broker::Processor>(
     let consumer = consumer
         .batch_size(args.batch)
         .concurrency(args.concurrency);
+    if args.child_target.is_some() {
+        return child_drain(consumer).await;
+    }
     let stats: Arc<idem_broker::Stats> = consumer.stats();
     let start = profile(true, "idem");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -678,4 +732,187 @@ async fn drain<Src: Source, P: idem_broker::Processor>(
         snap.executed
     );
     Ok(elapsed)
+}
+
+/// Drains `target` with `processes` children of this example sharing the store `shared` (a
+/// SQLite path or a Redis prefix); returns the time from their common start to the last ack
+/// one of them reported.
+async fn multi(
+    broker: Broker,
+    target: &str,
+    store: &str,
+    shared: &str,
+    processes: usize,
+    args: &Args,
+) -> anyhow::Result<Duration> {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+
+    let n = args.messages;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for _ in 0..processes {
+        let child = Command::new(&exe)
+            .args([
+                "--broker",
+                if matches!(broker, Broker::Amqp) {
+                    "amqp"
+                } else {
+                    "nats"
+                },
+                "--stores",
+                store,
+                "--messages",
+                &n.to_string(),
+                "--batch",
+                &args.batch.to_string(),
+                "--concurrency",
+                &args.concurrency.to_string(),
+                "--child-target",
+                target,
+                "--child-store",
+                shared,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        children.push(child);
+    }
+    // Each child's acked count, as it reports it; its last line is `executed N`.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    for (i, c) in children.iter_mut().enumerate() {
+        let out = c.stdout.take().context("child stdout")?;
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((i, line));
+            }
+        });
+    }
+    drop(tx);
+    let mut ready = 0;
+    while ready < processes {
+        let (_, line) = rx
+            .recv()
+            .await
+            .context("a child exited before it was ready")?;
+        if line == "ready" {
+            ready += 1;
+        }
+    }
+    let mut stdins: Vec<_> = children
+        .iter_mut()
+        .map(|c| c.stdin.take().context("child stdin"))
+        .collect::<anyhow::Result<_>>()?;
+    let start = Instant::now();
+    for s in &mut stdins {
+        writeln!(s, "go")?;
+        s.flush()?;
+    }
+    let mut acked = vec![0usize; processes];
+    let mut last = start;
+    while acked.iter().sum::<usize>() < n {
+        let (i, line) = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .context("no progress from the children in 120 s")?
+            .context("the children exited before draining the queue")?;
+        if let Some(v) = line.strip_prefix("acked ") {
+            acked[i] = v.parse()?;
+            last = Instant::now();
+        }
+    }
+    let elapsed = last.duration_since(start);
+    drop(stdins); // the children stop
+    let mut executed = 0;
+    while let Some((_, line)) = rx.recv().await {
+        if let Some(v) = line.strip_prefix("executed ") {
+            executed += v.parse::<usize>()?;
+        }
+    }
+    for mut c in children {
+        anyhow::ensure!(c.wait()?.success(), "a child failed");
+    }
+    anyhow::ensure!(
+        executed == n,
+        "{processes} processes executed {executed} of {n} messages"
+    );
+    Ok(elapsed)
+}
+
+/// A child of [`multi`]: connects its source and store, says `ready`, waits for `go`, then
+/// consumes, printing `acked N` as acks land, until its standard input closes; then prints
+/// `executed N`.
+async fn child(args: &Args) -> anyhow::Result<()> {
+    let broker = args.brokers[0];
+    let url = match broker {
+        Broker::Amqp => std::env::var("IDEM_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+        Broker::Nats => {
+            std::env::var("IDEM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+        }
+    };
+    let target = args.child_target.clone().context("--child-target")?;
+    let shared = args.child_store.clone().context("--child-store")?;
+    match args.stores.first().map(String::as_str) {
+        Some("sqlite") => {
+            let store = SqliteStore::open(&shared)?;
+            idem_run(broker, &url, &target, args, store).await?;
+        }
+        Some("redis") => {
+            let redis = std::env::var("IDEM_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+            let store = RedisStore::builder(redis.as_str())
+                .prefix(shared.as_str())
+                .connect()
+                .await?;
+            idem_run(broker, &url, &target, args, store).await?;
+        }
+        other => anyhow::bail!("a child runs sqlite or redis, not {other:?}"),
+    }
+    Ok(())
+}
+
+/// The consuming part of [`child`].
+async fn child_drain<Src: Source, P: idem_broker::Processor>(
+    consumer: Consumer<Src, P>,
+) -> anyhow::Result<Duration> {
+    use std::io::{BufRead, Write};
+
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut lines = std::io::stdin().lock().lines();
+        if matches!(lines.next(), Some(Ok(l)) if l == "go") {
+            let _ = go_tx.send(());
+        }
+        for _ in lines.by_ref() {}
+        let _ = stop_tx.send(());
+    });
+    let stats: Arc<idem_broker::Stats> = consumer.stats();
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready")?;
+        out.flush()?;
+    }
+    go_rx.await.context("no go")?;
+    let run = tokio::spawn(consumer.run(async {
+        let _ = stop_rx.await;
+    }));
+    let mut reported = 0;
+    while !run.is_finished() {
+        let acked = stats.snapshot().acked;
+        if acked != reported {
+            reported = acked;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "acked {acked}")?;
+            out.flush()?;
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let snap = run.await??;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "acked {}", snap.acked)?;
+    writeln!(out, "executed {}", snap.executed)?;
+    out.flush()?;
+    Ok(Duration::ZERO)
 }
