@@ -76,6 +76,13 @@ pub(crate) async fn script<Q: Queryable>(conn: &mut Q, sql: &str) -> Script {
 /// delimiters are ASCII, which no byte of a multi-byte UTF-8 character equals, and a string
 /// literal (a batch's hex-encoded records, most of a script) is skipped in one search.
 pub(crate) fn count_statements(sql: &str) -> usize {
+    // The end of what starts at `i` (just after an ASCII byte, so on a character boundary):
+    // past the next `end`, or the end of `sql`. `str::find` of a char searches a word at a time.
+    let skip_past = |i: usize, end: char| {
+        sql.get(i..)
+            .and_then(|rest| rest.find(end))
+            .map_or(sql.len(), |p| i + p + 1)
+    };
     let bytes = sql.as_bytes();
     let mut count = 0;
     let mut content = false;
@@ -85,19 +92,9 @@ pub(crate) fn count_statements(sql: &str) -> usize {
         match b {
             b'\'' => {
                 content = true;
-                let rest = bytes.get(i..).unwrap_or_default();
-                i += rest
-                    .iter()
-                    .position(|&c| c == b'\'')
-                    .map_or(rest.len(), |p| p + 1);
+                i = skip_past(i, '\'');
             }
-            b'-' if bytes.get(i) == Some(&b'-') => {
-                let rest = bytes.get(i..).unwrap_or_default();
-                i += rest
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(rest.len(), |p| p + 1);
-            }
+            b'-' if bytes.get(i) == Some(&b'-') => i = skip_past(i, '\n'),
             b';' => {
                 count += usize::from(content);
                 content = false;
