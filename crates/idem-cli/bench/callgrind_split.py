@@ -6,9 +6,12 @@ read from the profiles directly: callgrind_annotate also lists functions that we
 when a profile was dumped with their whole cost, which would count it twice.
 
     callgrind_split.py DIR LABEL [N]
+    callgrind_split.py DIR1 DIR2 LABEL N1 N2
 
 DIR as given to callgrind.sh; LABEL a pass (`idem-new`, `baseline`, `rabbitmq/idem-sqlite`);
-with N, instructions per message (divide by N). Prints one JSON object of bucket -> count.
+with N, instructions per message (divide by N). With two runs of N1 and N2 messages, the
+difference of their splits over N2 - N1, which cancels what a pass costs once. Prints one JSON
+object of bucket -> count.
 Code of the standard library, hash tables and libc (collections, iterators, formatting,
 memcpy) counts for the crate of the function it ran in when that function's name says it
 (inlined code, or a call to memcpy); what is left in `std` and `libc` is mostly the allocator
@@ -132,15 +135,26 @@ def self_costs(path, sums, names, fnames):
                 skip = True
 
 
-def main():
-    d, label = sys.argv[1], sys.argv[2]
-    n = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+def split(d, label):
     sums = {}
     names, fnames = {}, {}
     pid, wanted = phases(d, label)
     for k in range(1, max(wanted) + 1):
         self_costs(f"{d}/cg.{pid}.{k}", sums if k in wanted else None, names, fnames)
-    print(json.dumps({k: round(v / n) for k, v in sorted(sums.items(), key=lambda kv: -kv[1])}))
+    return sums
+
+
+def main():
+    if len(sys.argv) == 6:
+        d1, d2, label, n1, n2 = sys.argv[1:6]
+        a, b = split(d1, label), split(d2, label)
+        sums = {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b)}
+        n = float(n2) - float(n1)
+    else:
+        sums = split(sys.argv[1], sys.argv[2])
+        n = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+    per = {k: round(v / n) for k, v in sorted(sums.items(), key=lambda kv: -kv[1])}
+    print(json.dumps({"total": sum(per.values()), **per}))
 
 
 if __name__ == "__main__":
