@@ -238,7 +238,7 @@ fn begin(conn: &Connection, patience: Duration) -> Result<(), StoreError> {
 
 /// Runs one statement from the connection's statement cache: `BEGIN IMMEDIATE` and `COMMIT`
 /// come once or twice per message at low load, and `execute_batch` would parse them every time
-/// (about 1,600 instructions each, a tenth of a message's claim and completion).
+/// (about 1,600 instructions each: 6,400 of a sequential message's 77,000).
 fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
