@@ -324,13 +324,48 @@ fn profile(main_raw_or_idem: bool, mode: &str) -> Instant {
     if main_raw_or_idem && std::env::var("IDEM_BENCH_PROFILE").is_ok_and(|m| m == mode) {
         perf_ctl("enable");
     }
+    phase("begin drain");
     Instant::now()
 }
 
 fn profile_end() {
+    phase("end drain");
     if std::env::var("IDEM_BENCH_PROFILE").is_ok() {
         perf_ctl("disable");
     }
+}
+
+/// Marks the start and the end of every drain for `valgrind --tool=callgrind
+/// --dump-before='*idem_bench_phase'`: callgrind writes one profile (the whole process, every
+/// thread; the broker's own process is not counted) per stretch between two calls, so the
+/// profile written at an `end drain` call (`callgrind.out.<pid>.<n>`) holds one mode's drain
+/// alone, filling and cleaning up left out. The drains come in the order of the JSON lines.
+/// With `IDEM_BENCH_PHASES` set, each call prints `idem-bench-phase <n> <label>` on stderr.
+fn phase(label: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+    if std::env::var_os("IDEM_BENCH_PHASES").is_some() {
+        eprintln!("idem-bench-phase {n} {label}");
+    }
+    idem_bench_phase(n);
+}
+
+/// The function callgrind's `--dump-before='*idem_bench_phase'` names (never inlined).
+#[inline(never)]
+fn idem_bench_phase(n: u64) {
+    std::hint::black_box(n);
+}
+
+/// How often [`drain`] looks whether every message was acked: every 500 µs, or
+/// `IDEM_BENCH_POLL_US` (under callgrind, which runs the program about 50 times slower, a
+/// rarer look keeps the waiting loop's own instructions out of the per-message count).
+fn poll_interval() -> Duration {
+    let us = std::env::var("IDEM_BENCH_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    Duration::from_micros(us)
 }
 
 fn perf_ctl(command: &str) {
@@ -718,9 +753,10 @@ async fn drain<Src: Source, P: idem_broker::Processor>(
     let run = tokio::spawn(consumer.run(async {
         let _ = stopped.await;
     }));
+    let poll = poll_interval();
     while (stats.snapshot().acked as usize) < n {
         anyhow::ensure!(!run.is_finished(), "consumer stopped early");
-        tokio::time::sleep(Duration::from_micros(500)).await;
+        tokio::time::sleep(poll).await;
     }
     let elapsed = start.elapsed();
     profile_end();

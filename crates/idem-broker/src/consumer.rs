@@ -177,7 +177,7 @@ pub trait Processor: Send + Sync + 'static {
 pub struct StoreMode<S, H> {
     exec: Executor<S>,
     handler: H,
-    handler_seconds: metrics::Histogram,
+    handler_seconds: Option<metrics::Histogram>,
     /// Claims of rounds whose task was aborted before their outcome was known.
     abandoned: parking_lot::Mutex<Vec<(Key, Token)>>,
 }
@@ -204,7 +204,7 @@ impl<S: Store, H: Handler> Processor for StoreMode<S, H> {
         messages: Vec<Message>,
     ) -> RoundOutcome<H::Output, H::Error> {
         let handler = &self.handler;
-        let timer = &self.handler_seconds;
+        let timer = self.handler_seconds.as_ref();
         let mut held = RoundClaims {
             claims: parking_lot::Mutex::new(Vec::new()),
             abandoned: &self.abandoned,
@@ -242,7 +242,7 @@ pub struct TransactionalMode<S, H> {
     store: S,
     config: Config,
     handler: Arc<H>,
-    handler_seconds: metrics::Histogram,
+    handler_seconds: Option<metrics::Histogram>,
 }
 
 impl<S, H> TransactionalMode<S, H> {
@@ -287,7 +287,7 @@ where
                         let Some(message) = messages.get(i) else {
                             return Err(Failure::Panicked(format!("no message at index {i}")));
                         };
-                        catch_panic(&timer, handler.call(message, tx)).await
+                        catch_panic(timer.as_ref(), handler.call(message, tx)).await
                     })
                 },
             )
@@ -296,19 +296,24 @@ where
     }
 }
 
-/// The handler-latency histogram of an executor (or a transactional config) named `name`.
-fn handler_seconds(name: &str) -> metrics::Histogram {
-    metrics::histogram!(metric::HANDLER_SECONDS, "executor" => name.to_owned())
+/// The handler-latency histogram of an executor (or a transactional config) named `name`;
+/// `None` when no recorder takes it, so that handlers are not timed for nothing.
+fn handler_seconds(name: &str) -> Option<metrics::Histogram> {
+    let h = metrics::histogram!(metric::HANDLER_SECONDS, "executor" => name.to_owned());
+    idem::metrics::records(&h).then_some(h)
 }
 
-/// Runs a handler's future, timing it and turning a panic into a failed attempt.
+/// Runs a handler's future, timing it (with a `timer`) and turning a panic into a failed
+/// attempt.
 async fn catch_panic<T, E>(
-    timer: &metrics::Histogram,
+    timer: Option<&metrics::Histogram>,
     fut: impl Future<Output = Result<T, E>>,
 ) -> Result<T, Failure<E>> {
-    let start = std::time::Instant::now();
+    let start = timer.map(|_| std::time::Instant::now());
     let out = AssertUnwindSafe(fut).catch_unwind().await;
-    timer.record(start.elapsed().as_secs_f64());
+    if let (Some(timer), Some(start)) = (timer, start) {
+        timer.record(start.elapsed().as_secs_f64());
+    }
     match out {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Failure::Handler(e)),

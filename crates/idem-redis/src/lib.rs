@@ -808,6 +808,10 @@ impl RedisStore {
         items: &[T],
         call: BatchCall<'_, T, G>,
     ) -> Result<Vec<Value>, StoreError> {
+        let map = self.slot_map();
+        if let ([item], None, None) = (items, &map, self.inner.wait) {
+            return self.single(op, script, item, &call).await.map(|v| vec![v]);
+        }
         let per_call = match self.inner.batching {
             Batching::Script => MAX_KEYS_PER_SCRIPT,
             Batching::Pipeline => 1,
@@ -816,7 +820,6 @@ impl RedisStore {
         // On a cluster: each key's slot, and the items of each pipeline, one per master (in
         // order within it), with a route to that master (through the slot of its first item,
         // so that it follows a failover). One pipeline for all otherwise.
-        let map = self.slot_map();
         let slots: Vec<u16> = match map {
             Some(_) => keys.iter().map(|k| conn::slot(k.as_bytes())).collect(),
             None => vec![0; keys.len()],
@@ -969,6 +972,45 @@ impl RedisStore {
         out.into_iter()
             .map(|v| v.ok_or_else(|| error::unexpected(op, "a reply is missing")))
             .collect()
+    }
+
+    /// [`batch`](Self::batch) of one item on a single server without `WAIT` (a consumer that
+    /// takes one message at a time): the same script call and the same errors, without the
+    /// grouping by node, slot and parameters, whose vectors and joined futures cost a third of
+    /// the client's instructions for such a call.
+    async fn single<T, G>(
+        &self,
+        op: &str,
+        script: &redis::Script,
+        item: &T,
+        call: &BatchCall<'_, T, G>,
+    ) -> Result<Value, StoreError> {
+        let key = self.key((call.key)(item));
+        // EVALSHA, the script's hash, the key count, the key, and up to four arguments.
+        let mut cmd = Cmd::with_capacity(8, 160 + key.len());
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(1).arg(&key);
+        (call.shared_args)(item, &mut cmd);
+        (call.item_args)(item, &mut cmd);
+        let mut conn = self.on(None);
+        let value =
+            match tokio::time::timeout(self.inner.timeout, eval(&mut conn, script, &cmd)).await {
+                Ok(Ok(value)) => value,
+                Ok(Err(e)) if e.is_timeout() => return Err(elapsed(op, self.inner.timeout)),
+                Ok(Err(e)) => return Err(from_redis(op, e)),
+                Err(_) => return Err(elapsed(op, self.inner.timeout)),
+            };
+        if let Value::ServerError(e) = &value
+            && slots_moved(RedisError::from(e.clone()).kind())
+        {
+            return Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!(
+                    "{op}: hash slots moved between cluster nodes during the batch; some of its \
+                     writes may have been applied"
+                ),
+            ));
+        }
+        Ok(value)
     }
 
     /// The reply of a `WAIT`: an error (counted) when fewer replicas acknowledged than asked.

@@ -199,9 +199,7 @@ impl Shared {
         }
         let committed = match rolled_back {
             Some(e) => Err(e),
-            None => conn
-                .execute_batch("COMMIT")
-                .map_err(|e| sql_error("commit", e)),
+            None => cached(conn, "COMMIT").map_err(|e| sql_error("commit", e)),
         };
         if let Err(e) = &committed {
             tracing::error!(error = %e, "idem sqlite: commit failed; the batch is rolled back");
@@ -224,7 +222,7 @@ fn begin(conn: &Connection, patience: Duration) -> Result<(), StoreError> {
     let deadline = Instant::now() + patience;
     let mut pause = Duration::from_micros(100);
     loop {
-        match conn.execute_batch("BEGIN IMMEDIATE") {
+        match cached(conn, "BEGIN IMMEDIATE") {
             Ok(()) => return Ok(()),
             Err(e) => {
                 let e = sql_error("begin", e);
@@ -236,6 +234,13 @@ fn begin(conn: &Connection, patience: Duration) -> Result<(), StoreError> {
             }
         }
     }
+}
+
+/// Runs one statement from the connection's statement cache: `BEGIN IMMEDIATE` and `COMMIT`
+/// come once or twice per message at low load, and `execute_batch` would parse them every time
+/// (about 1,600 instructions each: 6,400 of a sequential message's 77,000).
+fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 fn run_job(conn: &mut Connection, job: Box<dyn Job>, now: Timestamp) -> Box<dyn Deliver> {

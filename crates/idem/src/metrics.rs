@@ -67,13 +67,40 @@ pub(crate) struct Metrics {
     pub(crate) exhausted: Counter,
     latency: [Histogram; 5],
     errors: [Counter; 5],
+    /// Whether a recorder takes the latency histograms: without one, the executor does not
+    /// read the clock around store operations (two reads per operation, for nothing).
+    pub(crate) timed: bool,
+}
+
+/// A value whose conversion notes that it happened: a histogram converts what it is given only
+/// when a recorder stands behind it.
+struct Probe<'a>(&'a std::cell::Cell<bool>);
+
+impl metrics::IntoF64 for Probe<'_> {
+    fn into_f64(self) -> f64 {
+        self.0.set(true);
+        0.0
+    }
+}
+
+/// Whether `h` goes to a recorder: a histogram built while no recorder was installed does
+/// nothing, and timing what it would record is wasted work (a clock read costs as much as a
+/// few hash lookups). Records no value (`record_many` with a count of zero).
+pub fn records(h: &Histogram) -> bool {
+    let seen = std::cell::Cell::new(false);
+    h.record_many(Probe(&seen), 0);
+    seen.get()
 }
 
 impl Metrics {
     pub(crate) fn new(executor: &str) -> Self {
         let name = executor.to_owned();
         let c = |metric: &'static str| metrics::counter!(metric, "executor" => name.clone());
+        let latency = Op::ALL.map(|op| {
+            metrics::histogram!(STORE_LATENCY, "executor" => name.clone(), "op" => op.as_str())
+        });
         Self {
+            timed: latency.iter().any(records),
             executed: c(EXECUTED),
             replayed: c(REPLAYED),
             in_progress: c(IN_PROGRESS),
@@ -83,9 +110,7 @@ impl Metrics {
             lease_lost: c(LEASE_LOST),
             released: c(RELEASED),
             exhausted: c(EXHAUSTED),
-            latency: Op::ALL.map(|op| {
-                metrics::histogram!(STORE_LATENCY, "executor" => name.clone(), "op" => op.as_str())
-            }),
+            latency,
             errors: Op::ALL.map(|op| {
                 metrics::counter!(STORE_ERRORS, "executor" => name.clone(), "op" => op.as_str())
             }),

@@ -185,6 +185,28 @@ static PROGRESS: Progress = Progress {
     done: AtomicU64::new(0),
 };
 
+/// Marks a boundary between the bench's passes for `valgrind --tool=callgrind
+/// --dump-before='*idem_bench_phase'`: callgrind then writes one profile per stretch between two
+/// calls (the whole process, every thread), so the instructions of the baseline, idem's new
+/// pass and its duplicate pass are counted apart. With `IDEM_BENCH_PHASES` set, each call first
+/// prints `idem-bench-phase <n> <label>` on stderr: the profile written at the `n`th call
+/// (`callgrind.out.<pid>.<n>`) holds what ran since the call before, so an `end ...` label
+/// names the pass it measured. Costs nothing otherwise (one call per pass).
+pub(crate) fn phase(label: &str) {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+    if std::env::var_os("IDEM_BENCH_PHASES").is_some() {
+        eprintln!("idem-bench-phase {n} {label}");
+    }
+    idem_bench_phase(n);
+}
+
+/// The function callgrind's `--dump-before='*idem_bench_phase'` names (never inlined).
+#[inline(never)]
+fn idem_bench_phase(n: u64) {
+    std::hint::black_box(n);
+}
+
 /// `n` more messages went through a pass of the run being measured.
 pub(crate) fn advance(n: usize) {
     PROGRESS.done.fetch_add(n as u64, Ordering::Relaxed);
@@ -315,17 +337,21 @@ async fn measure(url: &StoreUrl, profile: Profile, args: &Args, tmp: &Path) -> a
     // Redis alternates its baseline and idem in rounds instead (see bench/redis.rs).
     let (baseline, new, dup) = match &opened {
         Opened::Memory(s) => {
+            phase("begin baseline");
             let baseline = memory::baseline(&ids, profile, args).await;
+            phase("end baseline");
             let (new, dup) = drive(s.clone(), &ns, &ids, profile, args).await?;
             (baseline, new, dup)
         }
         Opened::Sqlite(s) => {
             let path = tmp.join(format!("baseline-{run_id}.db"));
             let (ids2, batch, sync) = (Arc::clone(&ids), args.batch, args.synchronous);
+            phase("begin baseline");
             let baseline = tokio::task::spawn_blocking(move || {
                 sqlite::baseline(&path, &ids2, profile, batch, sync)
             })
             .await??;
+            phase("end baseline");
             let (new, dup) = drive(s.clone(), &ns, &ids, profile, args).await?;
             (baseline, new, dup)
         }
@@ -378,6 +404,8 @@ async fn drive<S: Store + Clone>(
     let ran = Arc::new(AtomicUsize::new(0));
     let mut durations = [Duration::ZERO; 2];
     for (pass, expect) in [(0, "executed"), (1, "replayed")] {
+        let label = ["idem-new", "idem-dup"][pass];
+        phase(&format!("begin {label}"));
         let start = Instant::now();
         let counts = match profile {
             Profile::Sequential => sequential(&exec, ns, ids, &ran).await?,
@@ -386,6 +414,7 @@ async fn drive<S: Store + Clone>(
             }
         };
         durations[pass] = start.elapsed();
+        phase(&format!("end {label}"));
         ensure!(
             counts.get(expect) == Some(&ids.len()),
             "pass {pass}: expected {} {expect} outcomes, got {counts:?}",

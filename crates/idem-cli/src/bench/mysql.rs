@@ -103,7 +103,9 @@ async fn run(
     // The baseline runs on its own table, once before idem and once after (in another
     // namespace, so the rows are new again): the machine's load drifts, and the mean of the two
     // brackets idem's run.
+    super::phase("begin baseline");
     let before = baseline(pool, raw, &ns, &ids, profile, mode, args).await?;
+    super::phase("end baseline");
     let (new, dup) = match mode {
         Mode::Store => drive(store.clone(), &ns, &ids, profile, args).await?,
         Mode::Transactional | Mode::TransactionalCaller => {
@@ -111,7 +113,9 @@ async fn run(
         }
     };
     let again = Namespace::new(format!("{ns}-again"))?;
+    super::phase("begin baseline");
     let after = baseline(pool, raw, &again, &ids, profile, mode, args).await?;
+    super::phase("end baseline");
     let baseline = (before + after) / 2;
     let _ = store.disconnect().await;
     Ok(Row::new(display, mode, profile, args, (new, dup, baseline)))

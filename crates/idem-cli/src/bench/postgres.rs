@@ -56,10 +56,16 @@ pub(super) async fn measure(
         let (mut baseline_time, mut new) = (Duration::ZERO, Duration::ZERO);
         for slice in ids.chunks(ids.len().div_ceil(SLICES)) {
             let slice = Arc::new(slice.to_vec());
+            super::phase("begin baseline");
             baseline_time += baseline(&base, &slice, profile, args).await?;
+            super::phase("end baseline");
+            super::phase("begin idem-new");
             new += pass(&exec, &ns, &slice, profile, args, &ran, "executed").await?;
+            super::phase("end idem-new");
         }
+        super::phase("begin idem-dup");
         let dup = pass(&exec, &ns, &ids, profile, args, &ran, "replayed").await?;
+        super::phase("end idem-dup");
         ensure!(
             ran.load(Ordering::Relaxed) == ids.len(),
             "the handler ran {} times for {} messages",

@@ -82,18 +82,24 @@ async fn alternate(
         let part = Arc::new(part.to_vec());
         for idem_first in [round % 2 == 1, round % 2 == 0] {
             if idem_first {
+                super::phase("begin idem-new");
                 let start = Instant::now();
                 let counts = pass(&exec, ns, &part, profile, args, &ran).await?;
                 new += start.elapsed();
+                super::phase("end idem-new");
                 expect(&counts, "executed", part.len())?;
             } else {
+                super::phase("begin baseline");
                 base += baseline(store, &part, profile, args, prefix).await?;
+                super::phase("end baseline");
             }
         }
     }
+    super::phase("begin idem-dup");
     let start = Instant::now();
     let counts = pass(&exec, ns, ids, profile, args, &ran).await?;
     let dup = start.elapsed();
+    super::phase("end idem-dup");
     expect(&counts, "replayed", ids.len())?;
     let ran = ran.load(Ordering::Relaxed);
     ensure!(

@@ -563,11 +563,11 @@ impl<S: Store> Executor<S> {
         op: Op,
         fut: impl Future<Output = Result<R, StoreError>>,
     ) -> Result<R, StoreError> {
-        let start = std::time::Instant::now();
+        let metrics = &self.inner.metrics;
+        let start = metrics.timed.then(std::time::Instant::now);
         let out = fut.await;
-        self.inner
-            .metrics
-            .store_op(op, start.elapsed(), out.is_ok());
+        let elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
+        metrics.store_op(op, elapsed, out.is_ok());
         if let Err(e) = &out {
             tracing::warn!(op = ?op, error = %e, "idem store operation failed");
         }
