@@ -75,6 +75,25 @@ async fn enqueue_tx(ob: &Outbox, messages: &[NewMessage], commit: bool) {
     }
 }
 
+/// Undoes the marks of a PostgreSQL outbox: every row is pending again and due at once, as
+/// after a relay killed between the broker's confirmation and its mark.
+async fn lose_marks(ob: &Outbox) {
+    let (client, conn) = tokio_postgres::connect(ob.url.expose(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute(
+            &format!(
+                "UPDATE \"{}\" SET state = 0, sent_ms = NULL, available_ms = 0",
+                ob.table.name()
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
 async fn setup(kind: DbKind) -> Option<(Outbox, Queue, String)> {
     let ob = Outbox::new(kind).await?;
     let url = amqp()?;
@@ -456,21 +475,7 @@ async fn nats_dedups_a_republish() {
     }
     let s1 = first.stop().await;
     assert_eq!((s1.published, s1.duplicates), (5, 0));
-    // Lose the marks: the rows go back to pending, as after a relay crash.
-    let (client, conn) = tokio_postgres::connect(ob.url.expose(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .execute(
-            &format!(
-                "UPDATE \"{}\" SET state = 0, sent_ms = NULL, available_ms = 0",
-                ob.table.name()
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
+    lose_marks(&ob).await;
     let second = RelayTask::spawn(ob.config(&nats));
     for _ in 0..200 {
         if ob.db.stats().await.unwrap().pending == 0 {
@@ -603,21 +608,7 @@ async fn kafka_keys_pick_the_partition_and_republishes_keep_their_ids() {
     let used: HashSet<i32> = placed.values().copied().collect();
     assert!(used.len() > 1, "six keys on one partition: {placed:?}");
 
-    // Lose the marks: the rows are pending again, as after a relay killed before marking.
-    let (client, conn) = tokio_postgres::connect(ob.url.expose(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .execute(
-            &format!(
-                "UPDATE \"{}\" SET state = 0, sent_ms = NULL, available_ms = 0",
-                ob.table.name()
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
+    lose_marks(&ob).await;
     let second = RelayTask::spawn(ob.config(&kafka));
     let again = read(&mut source, total).await;
     let s2 = second.stop().await;
