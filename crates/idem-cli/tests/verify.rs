@@ -399,6 +399,24 @@ fn bad_arguments_are_refused_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a rate between 0 and 1"));
     let out = idem(&["verify", "--store", "ftp://x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported store URL scheme"));
+    let out = idem(&["verify", "--outbox"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--outbox needs --broker"));
+    // Refused before any broker is started.
+    let out = idem(&[
+        "verify",
+        "--broker",
+        "nats",
+        "--outbox",
+        "--dup-publish-rate",
+        "0.1",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--dup-publish-rate has no effect with --outbox"),
+        "{stderr}"
+    );
 }
 
 /// `verify --store` on the SQL servers: store and transactional modes both run (in scratch

@@ -157,6 +157,11 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
              --dup-publish-rate and the --crash-*-rate flags"
         );
     }
+    ensure!(
+        !(args.outbox && args.dup_publish_rate.is_some()),
+        "--dup-publish-rate has no effect with --outbox: the relays publish, and a row goes out \
+         again only with its own message id (after a relay was killed before its mark)"
+    );
     let messages = args.messages.unwrap_or(DEFAULT_MESSAGES);
     let consumers = args.consumers.unwrap_or(DEFAULT_CONSUMERS);
     ensure!(messages > 0, "--messages must be at least 1");
