@@ -126,20 +126,24 @@ impl Feed {
 
     /// Rows sent, and rows left pending or dead.
     pub(crate) async fn counts(&self) -> anyhow::Result<(u64, u64)> {
-        let db = OutboxDb::connect(&DbUrl::parse(&self.url())?, self.table.clone()).await?;
-        let stats = db.stats().await;
-        db.close().await;
-        let s = stats?;
+        let s = stats(&self.url()).await?;
         Ok((s.sent, s.pending + s.dead))
     }
 }
 
-async fn pending(url: &str) -> anyhow::Result<u64> {
-    let db =
-        OutboxDb::connect(&DbUrl::parse(url)?, Table::new(idem_outbox::DEFAULT_TABLE)?).await?;
+/// What the outbox at `url` holds.
+async fn stats(url: &str) -> anyhow::Result<idem_outbox::OutboxStats> {
+    let table = Table::new(idem_outbox::DEFAULT_TABLE)?;
+    let db = OutboxDb::connect(&DbUrl::parse(url)?, table).await?;
     let stats = db.stats().await;
     db.close().await;
-    let s = stats?;
+    Ok(stats?)
+}
+
+/// Rows not yet sent; an error once a row went dead (the relays retry a broker outage for a
+/// thousand attempts: a dead row means something is broken).
+async fn pending(url: &str) -> anyhow::Result<u64> {
+    let s = stats(url).await?;
     if s.dead > 0 {
         bail!("{} outbox rows went dead", s.dead);
     }
