@@ -517,6 +517,10 @@ async fn run_mode(
     };
     let mut rng = fastrand::Rng::with_seed(mode_seed);
     let mut next_kill = env.kill_every.map(|m| start + exp(&mut rng, m));
+    // Acked transfers at the last random kill: the next one waits for progress since, so that
+    // kills never come faster than the consumers recover (on Kafka every kill is a rebalance
+    // of seconds, and a loaded machine could otherwise keep the group rebalancing forever).
+    let mut acked_at_kill = None;
     let mut next_cut = env.cut_every.map(|m| start + exp(&mut rng, m));
     let mut drops = 0u64;
     let mut last_cut = start;
@@ -550,7 +554,9 @@ async fn run_mode(
             let work_left = !tally.all_delivered() || !producer.is_finished();
             if env.kill_every.is_some() {
                 let forced = fleet.random_kills == 0 && (progress >= 0.5 || !work_left);
-                let due = work_left && next_kill.is_some_and(|t| now >= t);
+                let due = work_left
+                    && next_kill.is_some_and(|t| now >= t)
+                    && acked_at_kill.is_none_or(|a| tally.acked_count > a);
                 // With the outbox, a relay is killed once a quarter of the transfers is
                 // committed (the relays are busy then), and random kills hit relays or
                 // consumers.
@@ -568,6 +574,9 @@ async fn run_mode(
                 };
                 if killed && (forced || due) {
                     next_kill = env.kill_every.map(|m| now + exp(&mut rng, m));
+                }
+                if killed {
+                    acked_at_kill = Some(tally.acked_count);
                 }
             }
             if env.cut_every.is_some() {
