@@ -9,6 +9,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use idem::MemoryStore;
@@ -28,8 +29,10 @@ pub(crate) enum StoreUrl {
     Mysql(String),
     /// A PostgreSQL server (`postgres://` or `postgresql://`), the URL as given.
     Postgres(String),
-    /// A Redis server (`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS). Holds
-    /// the URL with its password: never print it, print the `StoreUrl` (redacted).
+    /// A Redis server (`redis://[user:password@]host[:port][/db]`, `rediss://` for TLS; a
+    /// cluster: `redis://h1:p1,h2:p2`; `?wait_replicas=N[&wait_timeout_ms=MS]` waits for N
+    /// replicas after every write). Holds the URL with its password: never print it, print the
+    /// `StoreUrl` (redacted).
     Redis(String),
 }
 
@@ -284,7 +287,11 @@ impl StoreUrl {
                 Ok(Opened::Postgres(store))
             }
             StoreUrl::Redis(url) => {
-                let mut builder = RedisStore::builder(url.as_str());
+                let (url, wait) = redis_wait(url)?;
+                let mut builder = RedisStore::builder(url);
+                if let Some((replicas, timeout)) = wait {
+                    builder = builder.wait_for_replicas(replicas, timeout);
+                }
                 if let Some(prefix) = &location.prefix {
                     builder = builder.prefix(prefix.as_str());
                 }
@@ -296,6 +303,51 @@ impl StoreUrl {
             }
         }
     }
+}
+
+/// How long a `WAIT` asked for by `wait_replicas` waits, unless `wait_timeout_ms` says.
+const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Splits idem's durability parameters off a Redis URL's query: `wait_replicas=N` (after every
+/// claim and completion, `WAIT N`: see `RedisStoreBuilder::wait_for_replicas`) and
+/// `wait_timeout_ms=MS` (how long that waits, 500 by default). The rest of the URL goes to the
+/// client as it was.
+pub(crate) fn redis_wait(url: &str) -> anyhow::Result<(String, Option<(u32, Duration)>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let (mut replicas, mut timeout, mut rest) = (None, None, Vec::new());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("wait_replicas", v)) => {
+                let n: u32 = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .with_context(|| format!("wait_replicas={v}: expected a number from 1"))?;
+                replicas = Some(n);
+            }
+            Some(("wait_timeout_ms", v)) => {
+                let ms: u64 = v
+                    .parse()
+                    .with_context(|| format!("wait_timeout_ms={v}: expected milliseconds"))?;
+                timeout = Some(Duration::from_millis(ms));
+            }
+            _ => rest.push(pair),
+        }
+    }
+    if timeout.is_some() && replicas.is_none() {
+        bail!("wait_timeout_ms needs wait_replicas in the Redis URL");
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((
+        url,
+        replicas.map(|n| (n, timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT))),
+    ))
 }
 
 /// Refuses, with a clear message, a path that is not an existing idem SQLite database: operator
@@ -327,6 +379,26 @@ fn check_idem_database(path: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_urls_carry_the_wait_for_replicas() {
+        let plain = redis_wait("redis://h:7000,h:7001/0").unwrap();
+        assert_eq!(plain, ("redis://h:7000,h:7001/0".to_owned(), None));
+        let (url, wait) = redis_wait("redis://h:7000?wait_replicas=1").unwrap();
+        assert_eq!(url, "redis://h:7000");
+        assert_eq!(wait, Some((1, DEFAULT_WAIT_TIMEOUT)));
+        let (url, wait) =
+            redis_wait("redis://h?protocol=resp3&wait_replicas=2&wait_timeout_ms=200").unwrap();
+        assert_eq!(url, "redis://h?protocol=resp3");
+        assert_eq!(wait, Some((2, Duration::from_millis(200))));
+        for bad in [
+            "redis://h?wait_replicas=0",
+            "redis://h?wait_replicas=x",
+            "redis://h?wait_timeout_ms=200",
+        ] {
+            assert!(redis_wait(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_and_rejects_clearly() {

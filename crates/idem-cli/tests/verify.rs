@@ -399,6 +399,15 @@ fn bad_arguments_are_refused_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a rate between 0 and 1"));
     let out = idem(&["verify", "--store", "ftp://x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported store URL scheme"));
+    let out = idem(&["verify", "--store", "memory", "--failover"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--failover needs a Redis Cluster store"),
+        "{stderr}"
+    );
+    let out = idem(&["verify", "--failover-lag-ms", "100"]);
+    assert!(!out.status.success());
     let out = idem(&["verify", "--outbox"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--outbox needs --broker"));
@@ -484,4 +493,49 @@ fn redis_runs_store_mode_only() {
     if let Some(url) = idem_conformance::server::url(idem_conformance::server::REDIS) {
         verify_store_mode_only(&url);
     }
+}
+
+/// `verify --failover` on the Redis Cluster of `.ci/run` (`IDEM_REDIS_CLUSTER_URL`): while
+/// store mode runs, a master's replica is cut off and then takes over. Without `WAIT` the
+/// report counts the completed records the old master took with it (and verify fails, saying
+/// so); with `wait_replicas=1` in the URL those writes failed instead of being acknowledged,
+/// nothing is lost and verify passes. One test: both runs fail over the same cluster, in turn.
+#[test]
+fn a_cluster_failover_is_counted_and_waiting_for_a_replica_loses_nothing() {
+    let Some(url) =
+        idem_conformance::server::url(("IDEM_REDIS_CLUSTER_URL", "redis://127.0.0.1:7000"))
+    else {
+        return;
+    };
+    let fail_over = |url: &str| {
+        let (ok, report) = verify(&[
+            "--store",
+            url,
+            "--failover",
+            "--failover-lag-ms",
+            "300",
+            "--seed",
+            "7",
+        ]);
+        let f = report["store_failover"].clone();
+        assert!(f["error"].is_null(), "{report}");
+        assert_ne!(f["master"], f["promoted"], "{report}");
+        // The cut lasted until transfers went through: writes reached the old master alone.
+        assert!(n(&f, &["acked_while_cut"]) >= 30, "{report}");
+        // The old master came back as a replica: the cluster is whole for the next run.
+        assert!(f["resynced_ms"].is_u64(), "{report}");
+        (ok, report, n(&f, &["records_lost"]))
+    };
+    let (ok, report, lost) = fail_over(&url);
+    assert!(
+        lost > 0,
+        "transfers were acked while the replica was cut off, and none was lost: {report}"
+    );
+    assert!(!ok, "{report}");
+    let waited = format!("{url}?wait_replicas=1&wait_timeout_ms=200");
+    let (ok, report, lost) = fail_over(&waited);
+    assert_eq!(lost, 0, "{report}");
+    assert!(ok, "{report}");
+    let store = run(&report, "store");
+    assert_eq!(n(store, &["duplicates_outside_windows"]), 0, "{store}");
 }

@@ -102,6 +102,7 @@
 //! `NOSCRIPT`. A key under the prefix that does not hold a decodable record is
 //! [`Corrupt`](idem::StoreErrorKind::Corrupt), never treated as absent.
 
+pub mod cluster;
 mod codec;
 mod conn;
 mod error;
@@ -474,9 +475,18 @@ impl RedisStoreBuilder {
             RedisConnection::Standalone(conn)
         };
         log_settings(&shown, &settings);
+        let cluster = conn.is_cluster();
+        let repair = cluster.then(|| Repair {
+            builder: self.clone(),
+            seeds,
+            running: std::sync::atomic::AtomicBool::new(false),
+            last: std::sync::Mutex::new(None),
+        });
         let store = RedisStore {
             inner: Arc::new(Inner {
-                conn,
+                conn: std::sync::RwLock::new(conn),
+                cluster,
+                repair,
                 prefix: self.prefix,
                 max_result_bytes: self.max_result_bytes,
                 timeout: self.timeout,
@@ -620,6 +630,16 @@ async fn within<T>(
     }
 }
 
+/// How a cluster store connects again (see [`RedisStore::repair`]).
+struct Repair {
+    builder: RedisStoreBuilder,
+    seeds: Vec<String>,
+    running: std::sync::atomic::AtomicBool,
+    /// When the last repair ended: one per operation deadline at most, so that a burst of
+    /// timeouts (a slow server, `WAIT`s queued on one connection) reconnects once.
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
 /// The Redis [`Store`]. Clones share one multiplexed connection (one per node on a cluster).
 ///
 /// See the [crate docs](crate) for the layout in Redis, durability and failures.
@@ -629,7 +649,11 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conn: RedisConnection,
+    /// Replaced on a cluster when it stops answering (see [`RedisStore::repair`]).
+    conn: std::sync::RwLock<RedisConnection>,
+    cluster: bool,
+    /// On a cluster: how to connect again, and whether a repair is under way.
+    repair: Option<Repair>,
     prefix: String,
     max_result_bytes: usize,
     timeout: Duration,
@@ -650,7 +674,7 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("url", &self.inner.shown_url)
             .field("prefix", &self.inner.prefix)
-            .field("cluster", &self.inner.conn.is_cluster())
+            .field("cluster", &self.inner.cluster)
             .finish_non_exhaustive()
     }
 }
@@ -705,12 +729,8 @@ impl RedisStore {
     /// A transient [`StoreError`] when the server cannot be reached.
     pub async fn read_server_settings(&self) -> Result<ServerSettings, StoreError> {
         let mut conn = OnNode {
-            conn: self.inner.conn.clone(),
-            node: self
-                .inner
-                .conn
-                .is_cluster()
-                .then(|| Route::new(0, SlotAddr::Master)),
+            conn: self.conn(),
+            node: self.inner.cluster.then(|| Route::new(0, SlotAddr::Master)),
         };
         within(
             "read settings",
@@ -724,12 +744,80 @@ impl RedisStore {
     /// multiplexed connection (the benchmark's baseline uses it). On a cluster, see
     /// [`RedisConnection`] for what a command may span.
     pub fn connection(&self) -> RedisConnection {
-        self.inner.conn.clone()
+        self.conn()
     }
 
     /// Whether the store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        self.inner.conn.is_cluster()
+        self.inner.cluster
+    }
+
+    fn conn(&self) -> RedisConnection {
+        self.inner
+            .conn
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After an operation on a cluster timed out: connects to the cluster again from the seeds,
+    /// in the background (one repair at a time), and replaces the connection. The cluster
+    /// client repairs its own connections after MOVED replies and dropped links, but it was
+    /// seen never to come back from a failover in which the old master dropped clients blocked
+    /// in `WAIT` (every later command timed out); a fresh client reads the topology anew.
+    /// Operations in flight finish, or time out, on the old connection.
+    fn repair(&self) {
+        let Some(repair) = &self.inner.repair else {
+            return;
+        };
+        if repair.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let recent = repair
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|t| t.elapsed() < self.inner.timeout);
+        if recent {
+            repair.running.store(false, Ordering::Release);
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            repair.running.store(false, Ordering::Release);
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            let Some(repair) = &store.inner.repair else {
+                return;
+            };
+            let op = format!("reconnect to {}", store.inner.shown_url);
+            match repair.builder.cluster(&op, &repair.seeds).await {
+                Ok(conn) => {
+                    *store
+                        .inner
+                        .conn
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        RedisConnection::Cluster(conn);
+                    tracing::warn!(
+                        redis = %store.inner.shown_url,
+                        "an operation timed out: connected to the cluster again"
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    redis = %store.inner.shown_url,
+                    error = %e,
+                    "an operation timed out, and connecting to the cluster again failed"
+                ),
+            }
+            *repair
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now());
+            repair.running.store(false, Ordering::Release);
+        });
     }
 
     /// How many claim or completion round trips fewer replicas acknowledged than
@@ -759,8 +847,12 @@ impl RedisStore {
         op: &str,
         f: impl AsyncFnOnce(&mut RedisConnection) -> Result<T, RedisError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.inner.conn.clone();
-        within(op, self.inner.timeout, f(&mut conn)).await
+        let mut conn = self.conn();
+        let result = within(op, self.inner.timeout, f(&mut conn)).await;
+        if matches!(&result, Err(e) if e.kind() == StoreErrorKind::Timeout) {
+            self.repair();
+        }
+        result
     }
 
     fn key(&self, key: &Key) -> String {
@@ -902,9 +994,12 @@ impl RedisStore {
         };
         let replies = match tokio::time::timeout(self.inner.timeout, joined).await {
             Ok(replies) => replies,
-            Err(_) => Err(RedisError::from(std::io::Error::from(
-                std::io::ErrorKind::TimedOut,
-            ))),
+            Err(_) => {
+                self.repair();
+                Err(RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            }
         };
         let moved = match &replies {
             Err(e) => slots_moved(e.kind()),
@@ -1085,7 +1180,7 @@ impl RedisStore {
     /// The nodes the scans walk: the server itself, or on a cluster one route per master (to
     /// the master of one of its slots), from `CLUSTER SLOTS` read again.
     async fn nodes(&self, op: &str) -> Result<Vec<Option<Route>>, StoreError> {
-        if !self.inner.conn.is_cluster() {
+        if !self.inner.cluster {
             return Ok(vec![None]);
         }
         let map = self.refresh_slots(op).await?;
@@ -1099,7 +1194,7 @@ impl RedisStore {
     /// A connection whose commands go to `node` (see [`nodes`](Self::nodes)).
     fn on(&self, node: Option<Route>) -> OnNode {
         OnNode {
-            conn: self.inner.conn.clone(),
+            conn: self.conn(),
             node,
         }
     }

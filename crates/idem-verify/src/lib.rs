@@ -65,7 +65,7 @@ pub use crate::ledger::{
 pub use crate::ledger::{SqliteLedger, apply_in_transaction};
 pub use crate::report::{
     BrokerFaults, BrokerInfo, Check, Measured, ModeName, OutboxFaults, Report, RequiredFaults,
-    RunReport, WindowEvents, check,
+    RunReport, StoreFailover, WindowEvents, check,
 };
 pub use crate::stats::{Stats, Window};
 pub use crate::workload::{INITIAL_BALANCE, Transfer, Workload};

@@ -427,6 +427,46 @@ pub struct Report {
     /// The broker of a `--broker` run; absent in the embedded run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<BrokerInfo>,
+    /// The master failed over during store mode (`--failover`), and what that lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_failover: Option<StoreFailover>,
+}
+
+/// A Redis Cluster master failed over while store mode ran (`idem verify --failover`), and what
+/// it cost. Replication is asynchronous: what the old master acknowledged and its replica never
+/// received is gone from the promoted replica.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StoreFailover {
+    /// The master failed over (`host:port`).
+    pub master: String,
+    /// Its replica, promoted (`host:port`).
+    pub promoted: String,
+    /// How: the replica promoted as it was, or first cut off from its master for a while.
+    pub how: String,
+    /// The store's durability setting: `none`, or the `WAIT` after every write.
+    pub durability: String,
+    /// Transfers acked when the failover began.
+    pub acked_before: u64,
+    /// Transfers acked while the replica was cut off (0 without a cut).
+    pub acked_while_cut: u64,
+    /// From the takeover until the promoted replica saw itself master and the old one its
+    /// replica, in milliseconds.
+    pub took_ms: u64,
+    /// From the takeover until the old master had synced as the new one's replica, in
+    /// milliseconds (absent when it had not within 30 s).
+    pub resynced_ms: Option<u64>,
+    /// Store-mode transfers, all acked once their completion was acknowledged, whose completed
+    /// record the store no longer had at the end: a copy delivered later would run again.
+    pub records_lost: u64,
+    /// Why the failover could not be done, if it could not.
+    pub error: Option<String>,
+}
+
+impl StoreFailover {
+    /// Whether the failover happened and lost no record.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.records_lost == 0
+    }
 }
 
 /// Which broker a `--broker` run went through, and what could be done to it.
@@ -602,10 +642,47 @@ impl Report {
                 }
             }
         }
+        if let Some(f) = &self.store_failover {
+            let _ = writeln!(
+                out,
+                "\nstore failover: master {} -> replica {} ({}) after {} transfers acked; \
+                 durability: {}",
+                f.master, f.promoted, f.how, f.acked_before, f.durability
+            );
+            if f.error.is_none() {
+                let resynced = f.resynced_ms.map_or_else(
+                    || "the old master had not resynced within 30 s".to_owned(),
+                    |ms| format!("the old master resynced as its replica in {ms} ms"),
+                );
+                let _ = writeln!(
+                    out,
+                    "  {} transfers acked while the replica was cut off; promoted in {} ms; {}",
+                    f.acked_while_cut, f.took_ms, resynced
+                );
+            }
+        }
         let _ = writeln!(out, "\nchecks:");
         for c in &self.checks {
             let mark = if c.ok { "ok  " } else { "FAIL" };
             let _ = writeln!(out, "  {mark} {:<13} {}", c.mode.as_str(), c.detail);
+        }
+        if let Some(f) = &self.store_failover {
+            let (mark, detail) = match (&f.error, f.records_lost) {
+                (Some(e), _) => ("FAIL", format!("the failover could not be done: {e}")),
+                (None, 0) => (
+                    "ok  ",
+                    "every acked transfer's completed record survived the failover".to_owned(),
+                ),
+                (None, n) => (
+                    "FAIL",
+                    format!(
+                        "{n} completed records acknowledged by the old master were lost with \
+                         it (asynchronous replication): a copy delivered later would run \
+                         again; wait_replicas=1 in the store URL makes writes wait for a replica"
+                    ),
+                ),
+            };
+            let _ = writeln!(out, "  {mark} {:<13} {detail}", "failover");
         }
         for s in &self.skipped {
             let _ = writeln!(out, "  skip {s}");

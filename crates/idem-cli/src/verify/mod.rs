@@ -16,6 +16,7 @@
 //! consumer processes that are really killed, and the same report and checks.
 
 mod broker;
+mod failover;
 mod faults;
 mod ledger;
 mod progress;
@@ -32,12 +33,13 @@ use idem::{Backoff, Config};
 use idem_verify::sql::{MysqlLedger, PostgresLedger};
 use idem_verify::{
     DEFAULT_RATES, Fault, FaultPlan, Harness, MemoryLedger, PerFault, Report, Sabotage,
-    SqliteLedger, Stalls, Workload, check,
+    SqliteLedger, Stalls, StoreFailover, Workload, check,
 };
 
+use self::failover::Failover;
 use self::faults::FlakyStore;
 use self::progress::Progress;
-use crate::store_url::{OpenOptions, Opened, StoreUrl};
+use crate::store_url::{OpenOptions, Opened, StoreUrl, redis_wait};
 
 /// A deliberately broken handler (`--sabotage`, a hidden test flag).
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -110,6 +112,18 @@ pub(crate) struct Args {
     /// docs/verify.md].
     #[arg(long, value_enum)]
     restart_signal: Option<broker::RestartSignal>,
+    /// With a Redis Cluster store: once a third of store mode's transfers are acked, fail
+    /// over the master serving the most slots (`CLUSTER FAILOVER TAKEOVER` on its replica),
+    /// then count the completed records the failover lost. Changes the cluster's topology for
+    /// good: never against a cluster that serves anything else.
+    #[arg(long)]
+    failover: bool,
+    /// With --failover: first cut the replica off its master (the master refuses its PSYNC
+    /// through the default user's ACL, restored after, and drops its replication link) for
+    /// this long, and until 30 more transfers were acked: what the master acknowledges
+    /// meanwhile never reaches the replica that takes over [default: 0, no cut].
+    #[arg(long, value_name = "MS", requires = "failover")]
+    failover_lag_ms: Option<u64>,
     /// Start every fault rate at 0; the rate flags given still apply.
     #[arg(long)]
     no_faults: bool,
@@ -206,6 +220,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .try_init();
     }
     if let Some(spec) = args.broker.clone() {
+        ensure!(
+            !args.failover,
+            "--failover fails over the Redis Cluster store of a run without --broker"
+        );
         return broker::run(args, &spec).await;
     }
     for (given, flag) in [
@@ -268,6 +286,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     harness.observer = Some(Arc::new(Progress::default()));
 
     let (opened, transactional) = open(&url, &harness.run_id).await?;
+    let failover = if args.failover {
+        Some(Arc::new(failover_plan(&args, &url, &opened)?))
+    } else {
+        None
+    };
+    if let Some(f) = &failover {
+        harness.observer = Some(Arc::clone(f) as Arc<dyn idem_verify::Observer>);
+    }
+    let mut store_failover = None;
     let runs = async {
         let mut runs = vec![harness.naive(MemoryLedger::new(&harness.workload)).await?];
         let (seed, rate) = (seed, harness.plan.rate(Fault::StoreError));
@@ -276,6 +303,19 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 FlakyStore::new(store, seed, rate, counters)
             })
             .await?));
+        if let (Some(f), Opened::Redis(store)) = (&failover, &opened) {
+            let mut outcome = f.outcome().await.unwrap_or_else(|| StoreFailover {
+                error: Some("store mode ended before the failover began".to_owned()),
+                ..StoreFailover::default()
+            });
+            if outcome.error.is_none() {
+                let namespace = harness.store_namespace()?;
+                outcome.records_lost = failover::records_lost(store, &namespace, messages)
+                    .await
+                    .context("reading store mode's records back after the failover")?;
+            }
+            store_failover = Some(outcome);
+        }
         if let Some(ledger) = transactional {
             runs.push(match ledger {
                 Ledger::Sqlite(l) => harness.transactional(l).await?,
@@ -304,7 +344,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let checks: Vec<_> = runs.iter().map(check).collect();
     let report = Report {
-        ok: checks.iter().all(|c| c.ok),
+        ok: checks.iter().all(|c| c.ok) && store_failover.as_ref().is_none_or(StoreFailover::ok),
         seed,
         messages: u64::from(messages),
         accounts: args.accounts,
@@ -315,6 +355,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         checks,
         skipped,
         broker: None,
+        store_failover,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -326,6 +367,29 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The failover of `--failover`, after checking that the store is a Redis Cluster.
+fn failover_plan(args: &Args, url: &StoreUrl, opened: &Opened) -> anyhow::Result<Failover> {
+    let cluster = matches!(opened, Opened::Redis(store) if store.is_cluster());
+    ensure!(
+        cluster,
+        "--failover needs a Redis Cluster store (--store redis://HOST:PORT,... of a cluster), \
+         not {url}"
+    );
+    let durability = match redis_wait(&url.with_credentials())? {
+        (_, Some((replicas, timeout))) => format!(
+            "WAIT {replicas} {} ms after every claim and completion",
+            timeout.as_millis()
+        ),
+        (_, None) => "none (asynchronous replication)".to_owned(),
+    };
+    Ok(Failover::new(
+        url.with_credentials(),
+        Duration::from_millis(args.failover_lag_ms.unwrap_or(0)),
+        durability,
+        Arc::new(Progress::default()),
+    ))
 }
 
 /// The transactional ledger of a store that has a transactional mode.

@@ -5,6 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use idem_redis::cluster::{ClusterNode, parse_nodes};
 use idem_testkit::{ServerProcess, free_port, missing};
 
 /// One node: its process (while it runs), client port and directory.
@@ -17,18 +18,6 @@ struct Node {
 /// A cluster that the test owns.
 pub(crate) struct PrivateCluster {
     nodes: Vec<Node>,
-}
-
-/// A node as `CLUSTER NODES` shows it.
-#[derive(Clone, Debug)]
-pub(crate) struct NodeInfo {
-    pub(crate) id: String,
-    pub(crate) port: u16,
-    pub(crate) master: bool,
-    /// The master's id, for a replica.
-    pub(crate) master_id: Option<String>,
-    /// Slot ranges served, for a master.
-    pub(crate) slots: Vec<(u16, u16)>,
 }
 
 impl PrivateCluster {
@@ -165,46 +154,24 @@ impl PrivateCluster {
     }
 
     /// The cluster as a running node sees it.
-    pub(crate) fn topology(&self) -> Vec<NodeInfo> {
+    pub(crate) fn topology(&self) -> Vec<ClusterNode> {
         let port = self.running().next().expect("a running node").port;
         let mut c = Self::client(port).expect("connect to a node");
         let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut c).unwrap();
-        text.lines()
-            .filter_map(|line| {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                let port = f.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
-                let flags = *f.get(2)?;
-                let master = flags.contains("master");
-                let slots = f
-                    .iter()
-                    .skip(8)
-                    .filter_map(|r| {
-                        let (a, b) = r.split_once('-').unwrap_or((r, r));
-                        Some((a.parse().ok()?, b.parse().ok()?))
-                    })
-                    .collect();
-                Some(NodeInfo {
-                    id: f[0].to_owned(),
-                    port,
-                    master,
-                    master_id: (!master && f[3] != "-").then(|| f[3].to_owned()),
-                    slots,
-                })
-            })
-            .collect()
+        parse_nodes(&text)
     }
 
     /// The node serving `slot` as master.
-    pub(crate) fn master_of(&self, slot: u16) -> NodeInfo {
+    pub(crate) fn master_of(&self, slot: u16) -> ClusterNode {
         self.topology()
             .into_iter()
-            .find(|n| n.master && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
+            .find(|n| n.serves(slot))
             .unwrap_or_else(|| panic!("no master serves slot {slot}"))
     }
 
     /// The replica of the master `master_id` (waiting, up to 30 s, until the node asked has
     /// heard of it: roles spread by gossip).
-    pub(crate) fn replica_of(&self, master_id: &str) -> NodeInfo {
+    pub(crate) fn replica_of(&self, master_id: &str) -> ClusterNode {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let found = self

@@ -372,6 +372,7 @@ async fn run_verify(args: Args, broker: &str) -> anyhow::Result<ExitCode> {
         checks,
         skipped,
         broker: Some(info),
+        store_failover: None,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
