@@ -12,7 +12,7 @@
 //!   (`run_transactional` / `run_batch_transactional`, on a transaction the store opens), and
 //!   [`MysqlStore::run_in_transaction`] / [`MysqlStore::run_batch_in_transaction`] run on
 //!   yours: the record is written in the same transaction as the handler's own writes, commit =
-//!   effect + record, crash = neither. See `examples/transactional.rs`.
+//!   effect + record, crash = neither. See `examples/mysql_tx.rs`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,7 +6,7 @@
 //! recorded and acked instead of retried.
 //!
 //! ```sh
-//! cargo run -p idem-mysql --example transactional
+//! cargo run -p idem-mysql --example mysql_tx
 //! ```
 //! Uses `IDEM_MYSQL_URL` (default `mysql://root@127.0.0.1:3306/test`) and creates two tables
 //! there if missing: `idem_example_records` (idem's) and `idem_example_orders`.

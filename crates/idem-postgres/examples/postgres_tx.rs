@@ -2,7 +2,7 @@
 //! delivered twice moves the money once.
 //!
 //! ```text
-//! cargo run -p idem-postgres --example transactional
+//! cargo run -p idem-postgres --example postgres_tx
 //! ```
 //!
 //! Uses `IDEM_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`); it creates a
