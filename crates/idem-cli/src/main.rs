@@ -11,6 +11,7 @@ mod store_url;
 mod bench;
 mod consume;
 mod duration;
+mod exit;
 mod migrate;
 mod observe;
 mod operator;
@@ -122,7 +123,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            exit::status(&e)
         }
     }
 }

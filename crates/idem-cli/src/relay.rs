@@ -138,7 +138,17 @@ pub(crate) async fn run_relay(args: RelayArgs) -> anyhow::Result<ExitCode> {
 
     let db = OutboxDb::connect(&config.db, config.table.clone())
         .await
-        .with_context(|| format!("cannot open the outbox at {}", args.from))?;
+        .map_err(|e| {
+            let e =
+                anyhow::Error::new(e).context(format!("cannot open the outbox at {}", args.from));
+            // A SQLite file is no server to wait for: a path that cannot be opened is a
+            // mistake (exit status 1, not 69).
+            if config.db.kind() == idem_outbox::DbKind::Sqlite {
+                anyhow::Error::msg(format!("{e:#}"))
+            } else {
+                e
+            }
+        })?;
     let producer = AnyProducer::connect(&config.broker)
         .await
         .with_context(|| format!("cannot connect to {}", args.to))?;

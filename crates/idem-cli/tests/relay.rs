@@ -312,3 +312,87 @@ fn bad_arguments_are_refused_clearly() {
     );
     fails(&["outbox", "requeue", "--from", "sqlite:x.db"], "--all");
 }
+
+/// A server out of reach at start exits with status 69 (`EX_UNAVAILABLE`: a supervisor starts
+/// the process again later), a mistake with 1: for `idem relay` and `idem consume` alike.
+#[test]
+fn unreachable_servers_exit_69_and_mistakes_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("outbox.db").display());
+    assert!(idem(&["outbox", "migrate", "--from", &db, "--json"])["migrated"].is_boolean());
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let closed = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let status = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_idem"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = status(&["relay", "--from", &db, "--to", &closed]);
+    assert_eq!(code, Some(69), "{stderr}");
+    let store = format!("sqlite:{}", dir.path().join("idem.db").display());
+    let (code, stderr) = status(&[
+        "consume",
+        "--from",
+        &closed,
+        "--queue",
+        "q",
+        "--namespace",
+        "n",
+        "--store",
+        &store,
+        "--exec",
+        "true",
+    ]);
+    assert_eq!(code, Some(69), "{stderr}");
+    // Settings that cannot work: a mistake, whatever the broker.
+    let (code, stderr) = status(&[
+        "relay",
+        "--from",
+        &db,
+        "--to",
+        &closed,
+        "--lease",
+        "5s",
+        "--publish-timeout",
+        "10s",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    // Arguments that do not parse: clap's usage status.
+    let (code, stderr) = status(&["relay", "--from", "oracle://h/db", "--to", &closed]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let missing = format!(
+        "sqlite:{}",
+        dir.path().join("no/such/dir/idem.db").display()
+    );
+    let (code, stderr) = status(&[
+        "consume",
+        "--from",
+        &closed,
+        "--queue",
+        "q",
+        "--namespace",
+        "n",
+        "--store",
+        &missing,
+        "--exec",
+        "true",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let missing = format!(
+        "sqlite:{}",
+        dir.path().join("no/such/dir/outbox.db").display()
+    );
+    let (code, stderr) = status(&["relay", "--from", &missing, "--to", &closed]);
+    assert_eq!(code, Some(1), "{stderr}");
+}

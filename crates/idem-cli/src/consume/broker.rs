@@ -186,7 +186,8 @@ impl Plan {
                 "declare it as it exists, or use it without declaring",
                 "give --queue-type to match it, or --no-declare to use it as it is",
             );
-            anyhow::anyhow!("cannot consume from {}: {message}", started.from)
+            let text = format!("cannot consume from {}: {message}", started.from);
+            crate::exit::one_line_error(&anyhow::Error::new(e), text)
         };
         let what = self.config.describe();
         let source = self.config.connect(&self.url).await.map_err(cannot)?;

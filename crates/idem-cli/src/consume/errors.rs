@@ -44,14 +44,20 @@ pub(crate) fn one_line(e: &anyhow::Error) -> String {
 /// # Errors
 /// One line naming the store and the problem.
 pub(crate) async fn open_store(url: &StoreUrl, opts: OpenOptions) -> anyhow::Result<Opened> {
-    let opened = url
-        .open(opts)
-        .await
-        .map_err(|e| anyhow::Error::msg(cannot_open(url, &e)))?;
+    let opened = url.open(opts).await.map_err(|e| {
+        let text = cannot_open(url, &e);
+        // A SQLite file is no server to wait for: a path that cannot be opened is a mistake.
+        if matches!(url, StoreUrl::Sqlite(_)) {
+            anyhow::Error::msg(text)
+        } else {
+            crate::exit::one_line_error(&e, text)
+        }
+    })?;
     if let Opened::Mysql(store) = &opened
         && let Err(e) = store.check_schema().await
     {
-        anyhow::bail!(cannot_open(url, &anyhow::Error::new(e)));
+        let e = anyhow::Error::new(e);
+        return Err(crate::exit::one_line_error(&e, cannot_open(url, &e)));
     }
     Ok(opened)
 }

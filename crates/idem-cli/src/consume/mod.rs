@@ -375,7 +375,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     crate::observe::init_logging(args.log_format, LOG_FILTER);
     start(args)
         .await
-        .map_err(|e| anyhow::Error::msg(errors::one_line(&e)))
+        .map_err(|e| crate::exit::one_line_error(&e, errors::one_line(&e)))
 }
 
 async fn start(args: Args) -> anyhow::Result<ExitCode> {

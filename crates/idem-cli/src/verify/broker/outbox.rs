@@ -314,10 +314,14 @@ impl Relays {
                 if s.failures >= MAX_FAILURES {
                     bail!("{what} (failed {MAX_FAILURES} times in a row; giving up)");
                 }
-                // `idem relay` exits when it cannot connect at start (as `idem consume` does),
-                // for its supervisor to start it again: expected while the broker restarts or
-                // the proxy cuts connections. Anything else is an error of the run.
-                if !tail.contains("cannot connect to") && self.errors.len() < 10 {
+                // `idem relay` exits with status 69 when it cannot reach its broker or its
+                // outbox at start (as `idem consume` does), for its supervisor to start it
+                // again: expected while the broker restarts or the proxy cuts connections.
+                // A handshake that the proxy cut half-way may read as another failure to
+                // connect ("cannot connect to", status 1). Anything else is an error of the run.
+                let unreachable = status.code() == Some(i32::from(crate::exit::UNAVAILABLE))
+                    || tail.contains("cannot connect to");
+                if !unreachable && self.errors.len() < 10 {
                     self.errors.push(what);
                 }
                 s.restart_at = Some(now + Duration::from_millis(100 * u64::from(s.failures)));
