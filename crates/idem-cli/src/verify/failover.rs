@@ -16,6 +16,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,8 @@ pub(crate) struct Failover {
     durability: String,
     inner: Arc<dyn Observer>,
     task: Mutex<Option<JoinHandle<StoreFailover>>>,
+    /// Store mode is over: a failover still waiting for its moment gives up.
+    finished: Arc<AtomicBool>,
 }
 
 impl Failover {
@@ -58,6 +61,7 @@ impl Failover {
             durability,
             inner,
             task: Mutex::new(None),
+            finished: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -78,17 +82,22 @@ impl Observer for Failover {
             return;
         }
         let (url, lag, stats) = (self.url.clone(), self.lag, Arc::clone(stats));
-        let durability = self.durability.clone();
+        let (durability, finished) = (self.durability.clone(), Arc::clone(&self.finished));
         let task = tokio::spawn(async move {
-            // A third of the way, so that the cluster is busy before and after.
-            while stats.acked() < messages / 3 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
             let mut report = StoreFailover {
                 durability,
-                acked_before: stats.acked(),
                 ..StoreFailover::default()
             };
+            // A third of the way, so that the cluster is busy before and after.
+            while stats.acked() < messages / 3 {
+                if finished.load(Ordering::Acquire) {
+                    report.error =
+                        Some("store mode ended before a third of its transfers were acked".into());
+                    return report;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            report.acked_before = stats.acked();
             if let Err(e) = fail_over(&url, lag, &stats, &mut report).await {
                 report.error = Some(format!("{e:#}"));
             }
@@ -102,6 +111,9 @@ impl Observer for Failover {
         mode: ModeName,
         elapsed: Duration,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        if mode == ModeName::Store {
+            self.finished.store(true, Ordering::Release);
+        }
         self.inner.mode_finished(mode, elapsed)
     }
 }
@@ -111,13 +123,14 @@ async fn connect(url: &str, addr: &str) -> anyhow::Result<MultiplexedConnection>
     let node = node_url(url, addr);
     let client = redis::Client::open(node.as_str())
         .with_context(|| format!("the URL of node {addr} is invalid"))?;
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("connecting to node {addr} timed out"))?
-    .with_context(|| format!("connecting to node {addr}"))
+    // No command of the failover waits for ever on a node that stopped answering.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .with_context(|| format!("connecting to node {addr}"))
 }
 
 async fn nodes(conn: &mut MultiplexedConnection) -> anyhow::Result<Vec<ClusterNode>> {
