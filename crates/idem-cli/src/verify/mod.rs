@@ -120,7 +120,7 @@ pub(crate) struct Args {
     failover: bool,
     /// With --failover: first cut the replica off its master (the master refuses its PSYNC
     /// through the default user's ACL, restored after, and drops its replication link) for
-    /// this long, and until 30 more transfers were acked: what the master acknowledges
+    /// this long, and until 30 more transfers were acked (10 s at most): what the master acknowledges
     /// meanwhile never reaches the replica that takes over [default: 0, no cut].
     #[arg(long, value_name = "MS", requires = "failover")]
     failover_lag_ms: Option<u64>,
