@@ -340,20 +340,23 @@ fn unreachable_servers_exit_69_and_mistakes_exit_1() {
     };
     let (code, stderr) = status(&["relay", "--from", &db, "--to", &closed]);
     assert_eq!(code, Some(69), "{stderr}");
+    let consume = |store: &str| {
+        status(&[
+            "consume",
+            "--from",
+            &closed,
+            "--queue",
+            "q",
+            "--namespace",
+            "n",
+            "--store",
+            store,
+            "--exec",
+            "true",
+        ])
+    };
     let store = format!("sqlite:{}", dir.path().join("idem.db").display());
-    let (code, stderr) = status(&[
-        "consume",
-        "--from",
-        &closed,
-        "--queue",
-        "q",
-        "--namespace",
-        "n",
-        "--store",
-        &store,
-        "--exec",
-        "true",
-    ]);
+    let (code, stderr) = consume(&store);
     assert_eq!(code, Some(69), "{stderr}");
     // Settings that cannot work: a mistake, whatever the broker.
     let (code, stderr) = status(&[
@@ -375,19 +378,7 @@ fn unreachable_servers_exit_69_and_mistakes_exit_1() {
         "sqlite:{}",
         dir.path().join("no/such/dir/idem.db").display()
     );
-    let (code, stderr) = status(&[
-        "consume",
-        "--from",
-        &closed,
-        "--queue",
-        "q",
-        "--namespace",
-        "n",
-        "--store",
-        &missing,
-        "--exec",
-        "true",
-    ]);
+    let (code, stderr) = consume(&missing);
     assert_eq!(code, Some(1), "{stderr}");
     let missing = format!(
         "sqlite:{}",
